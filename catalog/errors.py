@@ -1,0 +1,61 @@
+"""Typed errors. Each one carries a single line that tells the user what went wrong and what to do.
+
+The CLI prints ``error: <message>`` and exits with ``exit_code``; nothing here ever shows a traceback.
+"""
+
+from __future__ import annotations
+
+
+class StyletagError(Exception):
+    """Base for every error a user may see; ``exit_code`` is the CLI's exit status."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(StyletagError):
+    """A setting is missing or malformed (bad URL, unknown scheme, ...)."""
+
+
+class ServiceUnavailable(StyletagError):
+    """A service (database, broker, object store) cannot be reached; transient, worth retrying."""
+
+
+class NotFound(StyletagError):
+    """An unknown SKU, style, run or product."""
+
+    exit_code = 2
+
+
+class DatasetMissing(StyletagError):
+    """A dataset's files are not on disk."""
+
+
+class StorageError(StyletagError):
+    """Base for object-storage failures."""
+
+
+class ForbiddenURI(StorageError):
+    """A URI outside the allowed prefixes, with ``..``, or with an unknown scheme. Never retried."""
+
+
+class ObjectMissing(StorageError, NotFound):
+    """The object does not exist. Never retried."""
+
+
+class ObjectTooLarge(StorageError):
+    """The object is larger than the configured maximum; refused before download. Never retried."""
+
+
+class TransientStorageError(StorageError, ServiceUnavailable):
+    """A storage error that may go away (timeouts, 5xx, throttling); retried with backoff."""
+
+
+class BadImage(StyletagError):
+    """Bytes that are not a decodable image, or one refused by the size and pixel limits."""
