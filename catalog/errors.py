@@ -59,3 +59,7 @@ class TransientStorageError(StorageError, ServiceUnavailable):
 
 class BadImage(StyletagError):
     """Bytes that are not a decodable image, or one refused by the size and pixel limits."""
+
+
+class TaxonomyMismatch(StyletagError):
+    """The catalog already holds labels for this taxonomy name, and they differ from the taxonomy given."""

@@ -110,7 +110,6 @@ class ModelVersion(Base):
 class ProductStyle(Base):
     __tablename__ = "product_styles"
     __table_args__ = (
-        Index("ix_product_styles_storefront", "label_id", "score", "product_id", postgresql_ops={"score": "DESC"}),
         CheckConstraint("score >= 0 AND score <= 1", name="score_range"),
     )
 
@@ -120,6 +119,17 @@ class ProductStyle(Base):
     is_primary: Mapped[bool] = mapped_column(Boolean, default=False)
     model_version: Mapped[str] = mapped_column(String(64))
     tagged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# The storefront's "products with style X, best first" query walks this index forwards: label_id
+# equality, then score DESC, then product_id ASC as the keyset tie-breaker. A real DESC column (not
+# ``postgresql_ops``, which is for operator classes) so that SQLite builds the same index.
+Index(
+    "ix_product_styles_storefront",
+    ProductStyle.label_id,
+    ProductStyle.score.desc(),
+    ProductStyle.product_id,
+)
 
 
 class StyleTruth(Base):

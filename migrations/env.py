@@ -1,0 +1,65 @@
+"""Alembic environment. The URL comes from the caller, never from alembic.ini.
+
+``catalog.migrate`` passes either an open connection (``config.attributes["connection"]``) or a
+URL (``config.attributes["url"]``); run by hand, ``STYLETAG_DATABASE_URL`` (or the settings' default)
+is used. Engines come from ``catalog.db.make_engine`` so SQLite gets the same pragmas as at run time.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+
+from catalog.schema import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    url = config.attributes.get("url")
+    if url:
+        return url
+    from catalog.settings import Settings
+
+    return Settings.from_env().database_url
+
+
+def _configure(connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        # SQLite cannot ALTER most things in place; batch mode recreates tables for later revisions.
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _configure(connection)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    from catalog.db import make_engine
+
+    engine = make_engine(_url())
+    try:
+        with engine.connect() as conn:
+            _configure(conn)
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,169 @@
+"""Checkpoint format: one ``.safetensors`` file; its string metadata key ``styletag`` holds JSON.
+
+The JSON metadata (see ``docs/model.md``): taxonomy (``Taxonomy.to_dict()``), backbone, input_size,
+channels, mean, std, thresholds, model_version, trained_at (ISO-8601 UTC), command, data, metrics, and
+``train`` (epoch/history, for resume). ``model_version`` is the first 16 hex digits of a sha256 over the
+weight tensors in sorted-name order (name, dtype, shape, bytes): a tampered file does not load.
+
+Loading never unpickles: safetensors only. Resume state (optimizer moments) goes to a sibling
+``<name>.optim.safetensors`` file in the same format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import ModelError
+
+META_KEY = "styletag"
+REQUIRED = ("taxonomy", "backbone", "input_size", "channels", "mean", "std", "model_version")
+
+
+class CheckpointError(ModelError):
+    """A checkpoint is missing, not safetensors, a pickle, malformed or tampered with."""
+
+
+def tensors_of(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors in canonical order; first 16 hex digits."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], meta: dict) -> str:
+    """Write weights + metadata atomically (temp file, then rename); return model_version."""
+    path = Path(path)
+    state = tensors_of(model)
+    meta = dict(meta)
+    meta["model_version"] = weights_hash(state)
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {', '.join(missing)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    os.replace(tmp, path)
+    return meta["model_version"]
+
+
+def _check_header(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise CheckpointError(f"{path} is a pickle/torch.save file; refusing to unpickle it (use a .safetensors checkpoint)")
+    if len(head) < 9:
+        raise CheckpointError(f"{path} is not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if head[8:9] != b"{" or n > os.path.getsize(path):
+        raise CheckpointError(f"{path} is not a safetensors file")
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Metadata only (no tensors loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    _check_header(path)
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
+    raw = (header.get("__metadata__") or {}).get(META_KEY)
+    if raw is None:
+        raise CheckpointError(f"{path} has no styletag metadata; it was not written by styletag train")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: styletag metadata is not valid JSON") from None
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}")
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (state_dict on CPU, metadata). Verifies the weights hash against ``model_version``."""
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
+    got = weights_hash(state)
+    if got != meta["model_version"]:
+        raise CheckpointError(
+            f"{path} was modified: weights hash {got} != recorded model_version {meta['model_version']}"
+        )
+    return state, meta
+
+
+def optim_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".optim.safetensors")
+
+
+def save_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer moments as flat tensors ``<param index>.<key>``; scalars in the JSON metadata."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"{idx}.{key}"] = val.detach().to("cpu").contiguous().clone()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    groups = [{k: v for k, v in g.items() if isinstance(v, int | float | bool | list | str | None)} for g in sd["param_groups"]]
+    target = optim_path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps({"scalars": scalars, "param_groups": groups})})
+    os.replace(tmp, target)
+
+
+def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> bool:
+    """Restore optimizer state saved by ``save_optimizer``; False when there is no optimizer file."""
+    target = optim_path(path)
+    if not target.is_file():
+        return False
+    _check_header(target)
+    from safetensors import safe_open
+
+    with safe_open(str(target), framework="pt") as fh:
+        extra = json.loads((fh.metadata() or {})[META_KEY])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = t
+    for name, v in extra["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = v
+    current = optimizer.state_dict()
+    groups = []
+    for g_now, g_saved in zip(current["param_groups"], extra["param_groups"], strict=True):
+        g = dict(g_now)
+        g.update({k: v for k, v in g_saved.items() if k != "params"})
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return True

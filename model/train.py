@@ -1,0 +1,252 @@
+"""Training loop for the hierarchical net. Data comes in as a Dataset (see ``model.data``); the loop
+never reads files itself, so the worker can pass a catalog-backed dataset.
+
+Deterministic for a seed: the batch order and augmentation of epoch e come from a generator seeded with
+(seed, e), so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, load_optimizer, save_checkpoint, save_optimizer
+from .consistency import parent_index
+from .data import Augment, iterate_batches, n_batches, to_input
+from .errors import ModelError
+from .evaluate import collect_logits, compute_metrics, summary
+from .losses import HierarchicalLoss
+from .net import build_model
+from .taxonomy import Taxonomy
+
+DEFAULT_THRESHOLDS = {"coarse": 0.5, "fine": 0.5}
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "resnet-small"
+    epochs: int = 15
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"  # adamw | sgd
+    schedule: str = "onecycle"  # onecycle | cosine
+    warmup: float = 0.25  # share of steps warming up (onecycle) ; cosine uses min(0.05, warmup)
+    label_smoothing: float = 0.1
+    w_coarse: float = 1.0
+    w_fine: float = 1.0
+    dropout: float = 0.0
+    seed: int = 0
+    input_size: int = 28
+    channels: int = 1
+    mean: tuple[float, ...] = (0.2860,)
+    std: tuple[float, ...] = (0.3530,)
+    pretrained: bool = False
+    augment: bool = True
+    pad: int = 2
+    erase_p: float = 0.5
+    device: str | None = None
+    threads: int | None = None
+    channels_last: bool = True
+    out: str | None = None
+    resume: str | None = None
+    val_limit: int | None = None  # per-epoch validation on the first N items; the final one uses all
+    thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+
+
+def lr_at(step: int, total: int, base: float, schedule: str, warmup: float) -> float:
+    """One-cycle: cosine ramp from base/25 up to base over ``warmup`` of the steps, cosine down to base/1e4.
+    Cosine: short linear warm-up then cosine to 0."""
+    t = step / max(total, 1)
+    if schedule == "onecycle":
+        if t < warmup:
+            lo = base / 25
+            return lo + (base - lo) * (1 - math.cos(math.pi * t / warmup)) / 2
+        u = (t - warmup) / max(1 - warmup, 1e-8)
+        lo = base / 1e4
+        return lo + (base - lo) * (1 + math.cos(math.pi * u)) / 2
+    if schedule == "cosine":
+        w = min(0.05, warmup)
+        if t < w:
+            return base * (t / w)
+        return base * (1 + math.cos(math.pi * (t - w) / max(1 - w, 1e-8))) / 2
+    raise ModelError(f"unknown schedule {schedule!r}; use onecycle or cosine")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    raise ModelError(f"unknown optimizer {cfg.optimizer!r}; use adamw or sgd")
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def base_meta(cfg: TrainConfig, taxonomy: Taxonomy) -> dict:
+    return {
+        "taxonomy": taxonomy.to_dict(),
+        "backbone": cfg.backbone,
+        "input_size": cfg.input_size,
+        "channels": cfg.channels,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "thresholds": dict(cfg.thresholds),
+        "format": "styletag-checkpoint/1",
+    }
+
+
+def train(
+    cfg: TrainConfig,
+    taxonomy: Taxonomy,
+    train_data,
+    val_data=None,
+    *,
+    command: str = "",
+    data_desc: dict | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[torch.nn.Module, dict]:
+    """Train; write a checkpoint to ``cfg.out`` after every epoch. Returns (model, final metadata)."""
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    if len(train_data) == 0:
+        raise ModelError("the training set is empty")
+    model = build_model(
+        cfg.backbone, len(taxonomy.coarse.labels), len(taxonomy.fine.labels), cfg.channels, cfg.pretrained, cfg.dropout
+    ).to(device)
+    channels_last = cfg.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    loss_fn = HierarchicalLoss(taxonomy, cfg.w_coarse, cfg.w_fine, cfg.label_smoothing).to(device)
+    aug = Augment(pad=cfg.pad if cfg.augment else 0, flip=cfg.augment, erase_p=cfg.erase_p if cfg.augment else 0.0)
+    mean_t = torch.tensor(cfg.mean, device=device)
+    std_t = torch.tensor(cfg.std, device=device)
+
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    start_epoch, history = 0, []
+    if cfg.resume:
+        state, meta = load_checkpoint(cfg.resume)
+        if meta.get("backbone") != cfg.backbone:
+            raise ModelError(f"--resume checkpoint has backbone {meta.get('backbone')!r}, not {cfg.backbone!r}")
+        model.load_state_dict(state)
+        load_optimizer(cfg.resume, opt)
+        start_epoch = int(meta.get("train", {}).get("epoch", 0))
+        history = list(meta.get("train", {}).get("history", []))
+        log(f"resumed from {cfg.resume} at epoch {start_epoch}")
+
+    spe = n_batches(train_data, cfg.batch_size)
+    total_steps = cfg.epochs * spe
+    parent = parent_index(taxonomy.parents, device) if not taxonomy.multi_label else None
+    meta = base_meta(cfg, taxonomy)
+    meta.update(command=command, data=data_desc or {}, config=_jsonable(asdict(cfg)))
+    val_small = val_data.subset(cfg.val_limit) if (val_data is not None and hasattr(val_data, "subset")) else val_data
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)
+        g_dev = g if device.type == "cpu" else torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+        t0 = time.time()
+        run_loss = run_correct = run_n = 0.0
+        bar = tqdm(iterate_batches(train_data, cfg.batch_size, shuffle=True, generator=g), total=spe,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for i, (x, ct, ft) in enumerate(bar):
+            step = epoch * spe + i
+            for grp in opt.param_groups:
+                grp["lr"] = lr_at(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup)
+            x = x.to(device, non_blocking=True)
+            ct, ft = ct.to(device, non_blocking=True), ft.to(device, non_blocking=True)
+            if cfg.augment:
+                x = aug.crop_flip(x, g_dev)
+            xin = to_input(x, mean_t, std_t, cfg.input_size, channels_last)
+            if cfg.augment:
+                xin = aug.erase(xin, g_dev)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                c_log, f_log = model(xin)
+                loss, _parts = loss_fn(c_log, f_log, ct, ft)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            with torch.no_grad():
+                bs = len(x)
+                run_loss += float(loss) * bs
+                if taxonomy.multi_label:
+                    correct = ((torch.sigmoid(f_log.float()) >= 0.5) == (ft >= 0.5)).all(1).sum()
+                else:
+                    correct = (f_log.argmax(1) == ft).sum()
+                run_correct += float(correct)
+                run_n += bs
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_correct / run_n:.3f}")
+        bar.close()
+        row = {"epoch": epoch + 1, "train_loss": run_loss / run_n, "train_acc": run_correct / run_n,
+               "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+        if val_small is not None:
+            logits = collect_logits(model, val_small, mean=cfg.mean, std=cfg.std, input_size=cfg.input_size,
+                                    batch_size=512, device=device, channels_last=channels_last)
+            row.update({f"val_{k}": v for k, v in summary(compute_metrics(taxonomy, logits)).items()
+                        if isinstance(v, float)})
+        history.append(row)
+        log("epoch " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if cfg.out:
+            meta.update(trained_at=_now(), train={"epoch": epoch + 1, "epochs": cfg.epochs, "history": history})
+            save_checkpoint(cfg.out, model, meta)
+            save_optimizer(cfg.out, opt)
+    del parent
+
+    final_metrics: dict = {}
+    if val_data is not None:
+        logits = collect_logits(model, val_data, mean=cfg.mean, std=cfg.std, input_size=cfg.input_size,
+                                batch_size=512, device=device, channels_last=channels_last)
+        final_metrics = summary(compute_metrics(taxonomy, logits))
+        log("final " + " ".join(f"{k}={v}" for k, v in final_metrics.items()))
+    meta.update(trained_at=_now(), metrics=final_metrics,
+                train={"epoch": cfg.epochs, "epochs": cfg.epochs, "history": history})
+    if cfg.out:
+        meta["model_version"] = save_checkpoint(cfg.out, model, meta)
+        try:
+            from .plots import plot_history
+
+            plot_history(history, Path(cfg.out).with_suffix(".curves.png"))
+        except Exception as exc:  # a plot must never lose a trained model
+            log(f"warning: could not plot training curves: {exc}")
+    return model, meta
+
+
+def _now() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

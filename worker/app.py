@@ -1,0 +1,68 @@
+"""The Celery app and all of its configuration, in one place.
+
+Queue semantics (see DESIGN.md): JSON only, ack late and requeue when a worker dies, prefetch 1 for
+bulk work, a visibility timeout longer than the longest task, time limits on every task, and two
+queues: ``uploads`` (latency-sensitive, micro-batched) and ``bulk`` (nightly retag chunks).
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from kombu import Queue
+
+from catalog.settings import Settings
+
+BULK_QUEUE = "bulk"
+UPLOADS_QUEUE = "uploads"
+
+# The longest task (a bulk chunk) must finish well inside these; the broker's visibility timeout
+# (after which an unacknowledged message is delivered again) is longer still.
+BULK_SOFT_TIME_LIMIT = int(os.environ.get("STYLETAG_TASK_SOFT_TIME_LIMIT", "900"))
+BULK_TIME_LIMIT = BULK_SOFT_TIME_LIMIT + 60
+VISIBILITY_TIMEOUT = int(os.environ.get("STYLETAG_VISIBILITY_TIMEOUT", str(max(3600, BULK_TIME_LIMIT * 2))))
+
+# Upload micro-batching: a burst becomes full batches; a lone upload waits at most the interval.
+UPLOAD_FLUSH_EVERY = int(os.environ.get("STYLETAG_UPLOAD_BATCH", "64"))
+UPLOAD_FLUSH_INTERVAL = float(os.environ.get("STYLETAG_UPLOAD_INTERVAL", "0.25"))
+
+# A bulk message carries at most this many ids; larger ones are refused, never executed blindly.
+MAX_IDS_PER_TASK = int(os.environ.get("STYLETAG_MAX_IDS_PER_TASK", "10000"))
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("styletag", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        accept_content=["json"],
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=None,
+        worker_send_task_events=False,
+        task_queues=(Queue(UPLOADS_QUEUE), Queue(BULK_QUEUE)),
+        task_default_queue=BULK_QUEUE,
+        task_routes={
+            "styletag.tag_products": {"queue": BULK_QUEUE},
+            "styletag.tag_uploads": {"queue": UPLOADS_QUEUE},
+        },
+        task_soft_time_limit=BULK_SOFT_TIME_LIMIT,
+        task_time_limit=BULK_TIME_LIMIT,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        broker_connection_max_retries=int(os.environ.get("STYLETAG_BROKER_MAX_RETRIES", "100")),
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return app
+
+
+app = make_app()

@@ -1,0 +1,199 @@
+"""The ``styletag`` command. Sub-commands load lazily, so ``styletag tags`` never imports torch.
+
+Every user error is one line on stderr (``error: ...``) and a non-zero exit; never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+
+import click
+
+from catalog.errors import StyletagError
+
+COMMANDS = {
+    "db": "catalog.cli:db",
+    "import": "catalog.cli:import_cmd",
+    "tags": "catalog.cli:tags",
+    "find": "catalog.cli:find",
+    "facets": "catalog.cli:facets",
+    "train": "model.cli:train",
+    "eval": "model.cli:eval_cmd",
+    "worker": "worker.cli:worker_cmd",
+    "retag": "worker.cli:retag_cmd",
+    "runs": "worker.cli:runs_cmd",
+    "enqueue": "worker.cli:enqueue_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="WARNING", show_default=True, help="Python log level.")
+@click.option("--log-json", is_flag=True, help="Log as JSON lines.")
+def cli(log_level: str, log_json: bool) -> None:
+    """styletag: tag a product catalog with hierarchical style labels."""
+    from worker.logs import configure_logging
+
+    configure_logging(log_level, json_lines=log_json)
+
+
+def _settings():
+    from catalog.settings import Settings
+
+    return Settings.from_env()
+
+
+@click.command("worker")
+@click.option("--gpus", default="auto", show_default=True, help="all | none | comma-separated GPU ids.")
+@click.option("--queues", default="uploads,bulk", show_default=True, help="Queues to serve.")
+@click.option("--threads", type=int, default=None, help="torch threads per worker (CPU inference).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--metrics-port", type=int, default=0, help="First Prometheus port (one per worker process).")
+@click.option("--dry-run", is_flag=True, help="Print the worker processes that would start, as JSON.")
+def worker_cmd(gpus, queues, threads, loglevel, metrics_port, dry_run) -> None:
+    """Start one Celery worker per GPU and queue group, each pinned with CUDA_VISIBLE_DEVICES."""
+    from worker.launcher import build_specs, parse_gpus, parse_queues, run_workers
+
+    specs = build_specs(parse_gpus(gpus), parse_queues(queues), threads=threads, loglevel=loglevel,
+                        metrics_port=metrics_port)
+    if dry_run:
+        click.echo(json.dumps([{"node": s.nodename, "gpu": s.gpu, "queue": s.queue,
+                                "CUDA_VISIBLE_DEVICES": s.env["CUDA_VISIBLE_DEVICES"], "argv": list(s.argv)}
+                               for s in specs], indent=2))
+        return
+    sys.exit(run_workers(specs))
+
+
+@click.command("retag")
+@click.option("--all", "scope", flag_value="all", help="Retag every product.")
+@click.option("--changed-only", "scope", flag_value="changed", default=True,
+              help="Only products whose model or image version changed (default).")
+@click.option("--wait", is_flag=True, help="Follow the run's progress until it finishes.")
+@click.option("--inline", is_flag=True, help="Run the pipeline in this process (no broker).")
+@click.option("--resume", "resume", type=int, default=None, metavar="RUN_ID",
+              help="Re-enqueue what run RUN_ID has not finished.")
+@click.option("--kind", type=click.Choice(["manual", "nightly"]), default="manual", show_default=True)
+@click.option("--chunk", type=int, default=1024, show_default=True, help="Product ids per bulk task.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON at the end.")
+def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json) -> None:
+    """Tag the catalog: create a run, enqueue its products (or tag them inline)."""
+    from catalog.db import session_scope
+    from catalog.runs import get_run, run_as_dict
+    from worker.retag import enqueue_run, run_inline, start_run, wait_for_run
+
+    settings = _settings()
+    run_id = resume if resume is not None else start_run(settings, scope=scope, kind=kind)
+    if resume is not None:
+        with session_scope(settings.database_url) as session:
+            get_run(session, resume)
+    if inline:
+        report = run_inline(settings, run_id, resume=resume is not None, progress=True)
+        rate = report.products / report.wall_s if report.wall_s else 0.0
+        click.echo(f"run {run_id}: {report.tagged} tagged, {report.failed} failed in {report.wall_s:.1f}s "
+                   f"({rate:.0f} images/s)", err=as_json)
+    else:
+        sent = enqueue_run(settings, run_id, resume=resume is not None, chunk=chunk, progress=False)
+        click.echo(f"run {run_id}: enqueued {sent} products", err=as_json)
+        if wait:
+            wait_for_run(settings, run_id, progress=True, timeout=timeout)
+    with session_scope(settings.database_url) as session:
+        info = run_as_dict(get_run(session, run_id))
+    if as_json:
+        click.echo(json.dumps(info))
+    elif wait or inline:
+        click.echo(_run_line(info))
+
+
+def _run_line(info: dict) -> str:
+    return (f"run {info['id']:>5}  {info['kind']:<8} {info['scope']:<8} {info['status']:<9} "
+            f"done {info['done']:>8} failed {info['failed']:>6} total {info['total']:>8}  "
+            f"model {info['model_version'][:16]}  started {info['created_at']}")
+
+
+@click.command("runs")
+@click.argument("run_id", type=int, required=False)
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def runs_cmd(run_id, limit, as_json) -> None:
+    """Show tagging runs and their counters."""
+    from catalog.db import session_scope
+    from catalog.runs import get_run, list_runs, run_as_dict
+
+    settings = _settings()
+    with session_scope(settings.database_url) as session:
+        runs = [run_as_dict(get_run(session, run_id))] if run_id else [run_as_dict(r) for r in list_runs(session, limit)]
+    if as_json:
+        click.echo(json.dumps(runs[0] if run_id else runs, default=str))
+        return
+    for info in runs:
+        click.echo(_run_line(info))
+
+
+@click.command("enqueue")
+@click.argument("skus", nargs=-1, required=True)
+def enqueue_cmd(skus) -> None:
+    """Enqueue products (new uploads) by SKU onto the uploads queue."""
+    from worker.uploads import enqueue_uploads
+
+    ids = enqueue_uploads(list(skus), _settings())
+    click.echo(f"enqueued {len(ids)} products on the uploads queue")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else exc.__class__.__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: map every known failure to one line and an exit code."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    try:
+        cli.main(args=argv, prog_name="styletag", standalone_mode=False)
+    except StyletagError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (OperationalError, DBAPIError) as exc:
+        from catalog.settings import Settings, redact_url
+
+        url = redact_url(Settings.from_env().database_url)
+        detail = _one_line(getattr(exc, "orig", exc))
+        click.echo(f"error: database {url} unavailable or not migrated ({detail}); "
+                   "check STYLETAG_DATABASE_URL and run 'styletag db upgrade'", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        name = exc.__class__.__name__
+        known = {"CheckpointError", "TaxonomyError", "FashionMNISTMissing", "ModelError", "TaxonomyMismatch"}
+        if name in known or any(c.__name__ in known for c in type(exc).__mro__):
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            sys.exit(1)
+        logging.getLogger("styletag").debug("unexpected error", exc_info=True)
+        click.echo(f"error: unexpected {name}: {_one_line(exc)} (run with --log-level DEBUG for details)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Everything a tagging process holds once: settings, the predictor, the image reader, label ids.
+
+Built lazily, once per process (in a Celery pool child after the fork, or in the inline CLI), so
+the parent that forks never imports torch or touches CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+
+from catalog.settings import Settings
+
+log = logging.getLogger("styletag.worker")
+
+_lock = threading.Lock()
+_context: WorkerContext | None = None
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    device: str | None = None
+
+    @cached_property
+    def predictor(self):
+        import torch
+
+        from model.predictor import Predictor
+
+        threads = int(os.environ.get("STYLETAG_TORCH_THREADS", "0") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        path = self.settings.model_path or str(default_checkpoint())
+        predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.settings.batch_size)
+        log.info(
+            "model loaded: version=%s backbone=%s device=%s input=%dpx",
+            predictor.model_version, predictor.backbone, predictor.device, predictor.input_size,
+        )
+        return predictor
+
+    @cached_property
+    def reader(self):
+        from catalog.storage import ImageReader
+
+        return ImageReader(self.settings.allowed_image_prefixes, self.settings.max_image_bytes)
+
+    @cached_property
+    def labels(self):
+        """Label ids of the model's taxonomy; creates them in the catalog when they are new."""
+        from catalog.db import session_scope
+        from catalog.labels import sync_labels
+        from catalog.tags import register_model
+
+        p = self.predictor
+        with session_scope(self.settings.database_url) as session:
+            labels = sync_labels(session, p.taxonomy)
+            register_model(session, p.model_version, p.trained_at, p.taxonomy.name, p.backbone)
+        return labels
+
+
+def default_checkpoint():
+    from model.weights import DEFAULT_CHECKPOINT
+
+    return DEFAULT_CHECKPOINT
+
+
+def get_context(settings: Settings | None = None) -> WorkerContext:
+    """The process-wide context (one model per process)."""
+    global _context
+    with _lock:
+        if _context is None or (settings is not None and settings != _context.settings):
+            _context = WorkerContext(settings or Settings.from_env(), device=os.environ.get("STYLETAG_DEVICE") or None)
+        return _context
+
+
+def reset_context() -> None:
+    global _context
+    with _lock:
+        _context = None
