@@ -51,7 +51,7 @@ SELECT p.id AS product_id, p.sku AS sku, p.title AS title, l.taxonomy AS taxonom
 FROM product_styles s
 JOIN products p ON p.id = s.product_id
 JOIN style_labels l ON l.id = s.label_id
-"""
+"""  # noqa: S608 - constant identifiers, no input
 
 
 def utcnow() -> datetime:

@@ -45,7 +45,7 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(repr(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -61,6 +61,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.T
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return meta["model_version"]
 

@@ -83,6 +83,10 @@ def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_s
         raise ModelError(str(exc)) from None
     if backbone not in BACKBONES:
         raise ModelError(f"unknown backbone {backbone!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+    if pretrained:
+        from .net import check_pretrained
+
+        check_pretrained(backbone)
     if resume is not None and not resume.is_file():
         raise ModelError(f"--resume checkpoint {resume} not found")
     if not str(out).endswith(".safetensors"):

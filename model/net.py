@@ -42,6 +42,15 @@ def build_backbone(name: str, channels: int = 3, pretrained: bool = False) -> tu
     return BACKBONES[name](channels, pretrained)
 
 
+def check_pretrained(name: str) -> None:
+    """Fail early (before loading data) when ``--pretrained`` cannot be honoured offline."""
+    if name not in BACKBONES:
+        raise UnknownBackbone(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+    if name not in TORCHVISION_BACKBONES:
+        raise PretrainedUnavailable(f"backbone {name!r} has no pretrained weights; drop --pretrained")
+    _tv_weights(name, True)
+
+
 # --------------------------------------------------------------------------- small-input ResNet
 
 
@@ -184,6 +193,7 @@ def _features_model(name: str, norm_from_classifier: bool = False):
     return factory
 
 
+TORCHVISION_BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny")
 register_backbone("resnet18", 32)(_resnet("resnet18"))
 register_backbone("resnet50", 32)(_resnet("resnet50"))
 register_backbone("mobilenet_v3_small", 32)(_features_model("mobilenet_v3_small"))

@@ -33,7 +33,7 @@ MAX_IDS_PER_TASK = int(os.environ.get("STYLETAG_MAX_IDS_PER_TASK", "10000"))
 
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
-    app = Celery("styletag", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery("styletag", broker=settings.broker_url, include=["worker.tasks", "worker.schedule"])
     app.conf.update(
         accept_content=["json"],
         task_serializer="json",

@@ -26,6 +26,8 @@ COMMANDS = {
     "retag": "worker.cli:retag_cmd",
     "runs": "worker.cli:runs_cmd",
     "enqueue": "worker.cli:enqueue_cmd",
+    "beat": "worker.cli:beat_cmd",
+    "metrics": "worker.cli:metrics_cmd",
 }
 
 
@@ -152,6 +154,31 @@ def enqueue_cmd(skus) -> None:
 
     ids = enqueue_uploads(list(skus), _settings())
     click.echo(f"enqueued {len(ids)} products on the uploads queue")
+
+
+@click.command("beat")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--schedule-file", default=None, help="Where beat keeps its state (default: $STYLETAG_HOME).")
+def beat_cmd(loglevel, schedule_file) -> None:
+    """Run Celery beat: the nightly 'retag --changed-only' at STYLETAG_NIGHTLY_CRON."""
+    from worker.app import app
+    from worker.schedule import configure_beat
+
+    settings = _settings()
+    configure_beat(settings)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    path = schedule_file or str(settings.home / "celerybeat-schedule")
+    app.Beat(loglevel=loglevel, schedule=path).run()
+
+
+@click.command("metrics")
+@click.option("--port", type=int, default=9108, show_default=True)
+def metrics_cmd(port) -> None:
+    """Serve deployment metrics (queue depth per queue, counters of unfinished runs) for Prometheus."""
+    from worker.metrics import serve_exporter
+
+    settings = _settings()
+    serve_exporter(port, settings.broker_url, settings.database_url)
 
 
 def _one_line(exc: BaseException) -> str:

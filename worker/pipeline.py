@@ -30,6 +30,7 @@ from catalog.errors import (
 )
 from catalog.schema import Product
 from catalog.tags import ProductFailure, ProductTags, Tag, finish_run_if_complete, write_batch
+from worker.metrics import observe_batch
 
 log = logging.getLogger("styletag.pipeline")
 
@@ -70,7 +71,9 @@ class PipelineReport:
     failed: int = 0
     skipped_newer: int = 0
     batches: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("fetch", "decode", "model", "write"), 0.0))
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("fetch", "decode", "model", "write", "wall"), 0.0)
+    )
     batch_sizes: list[int] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -230,10 +233,17 @@ class Pipeline:
                         return
                     pending.append(prep_pool.submit(self.prepare, chunk, io_pool))
 
+            last = time.perf_counter()
+
             def drain(limit: int) -> None:
+                nonlocal last
                 while len(writes) > limit:
                     b = writes.popleft().result()
+                    now = time.perf_counter()
+                    b.seconds["wall"] = now - last
+                    last = now
                     report.add(b)
+                    observe_batch(b)
                     if on_batch is not None:
                         on_batch(b)
 

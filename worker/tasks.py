@@ -66,10 +66,12 @@ def _scrub_worker_logs(logger=None, **_kwargs) -> None:
 @signals.worker_process_init.connect
 def _load_model_once(**_kwargs) -> None:
     """Load the model in each pool child after the fork (the parent never touches torch or CUDA)."""
+    from worker.metrics import start_worker_metrics
+
     ctx = get_context()
     try:
-        _ = ctx.predictor
         _ = ctx.labels
+        start_worker_metrics(ctx.predictor.model_version, ctx.predictor.backbone)
     except Exception as exc:  # the task will raise the same error with its context
         log.error("worker warm-up failed: %s", exc)
 

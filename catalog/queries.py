@@ -1,0 +1,162 @@
+"""The storefront's read path: tags of a SKU, products by style (keyset-paginated), facet counts.
+
+Every query uses bound parameters and the indexes built for it: ``uq_products_sku`` for a SKU and
+``ix_product_styles_storefront`` (label_id, score DESC, product_id) for "products with style X, best
+first". Pagination is keyset, never OFFSET, so page 1,000 costs what page 1 costs and a row inserted
+meanwhile is neither skipped nor repeated.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from datetime import UTC, datetime
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from catalog.errors import NotFound, StyletagError
+from catalog.schema import LEVELS, Product, ProductStyle, StyleLabel
+
+MAX_PAGE = 1000
+
+
+class BadCursor(StyletagError, ValueError):
+    """A ``--after`` cursor that this query did not hand out."""
+
+
+def _iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return (dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)).isoformat()
+
+
+def _check_level(level: str | None) -> None:
+    if level is not None and level not in LEVELS:
+        raise StyletagError(f"unknown level {level!r}; use coarse or fine")
+
+
+def tags_for_sku(session: Session, sku: str) -> dict:
+    """A product and its tags, primary first, then by score; NotFound for an unknown SKU."""
+    product = session.execute(
+        select(Product.id, Product.sku, Product.title, Product.image_uri).where(Product.sku == sku)
+    ).first()
+    if product is None:
+        raise NotFound(f"no product with SKU {sku!r}")
+    rows = session.execute(
+        select(
+            StyleLabel.level, StyleLabel.name, ProductStyle.score, ProductStyle.is_primary,
+            ProductStyle.model_version, ProductStyle.tagged_at,
+        )
+        .join(StyleLabel, StyleLabel.id == ProductStyle.label_id)
+        .where(ProductStyle.product_id == product.id)
+        .order_by(ProductStyle.is_primary.desc(), ProductStyle.score.desc(), StyleLabel.level, StyleLabel.name)
+    ).all()
+    return {
+        "sku": product.sku,
+        "title": product.title,
+        "image_uri": product.image_uri,
+        "tags": [
+            {"level": r.level, "style": r.name, "score": r.score, "is_primary": bool(r.is_primary),
+             "model_version": r.model_version, "tagged_at": _iso(r.tagged_at)}
+            for r in rows
+        ],
+    }
+
+
+def encode_cursor(score: float, product_id: int) -> str:
+    raw = json.dumps({"s": score, "p": product_id}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, int]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        score, pid = float(data["s"]), int(data["p"])
+    except (ValueError, KeyError, TypeError, UnicodeEncodeError, binascii.Error):
+        raise BadCursor(f"bad cursor {cursor[:60]!r}; pass the next_cursor of a previous page") from None
+    if math.isnan(score) or isinstance(data["p"], bool):
+        raise BadCursor(f"bad cursor {cursor[:60]!r}; pass the next_cursor of a previous page")
+    return score, pid
+
+
+def _label_ids(session: Session, style: str, level: str | None) -> list[int]:
+    query = select(StyleLabel.id).where(StyleLabel.name == style)
+    if level is not None:
+        query = query.where(StyleLabel.level == level)
+    ids = list(session.scalars(query.order_by(StyleLabel.id)))
+    if not ids:
+        where = f" at level {level}" if level else ""
+        raise NotFound(f"no style {style!r}{where}; 'styletag facets' lists the styles")
+    return ids
+
+
+def find_by_style(
+    session: Session,
+    style: str,
+    level: str | None = None,
+    min_score: float = 0.0,
+    limit: int = 50,
+    after: str | None = None,
+) -> tuple[list[dict], str | None]:
+    """Products tagged ``style`` with score >= ``min_score``, best first (ties by product id).
+    Returns the page and the cursor of the next one (None on the last page)."""
+    _check_level(level)
+    if not 1 <= limit <= MAX_PAGE:
+        raise StyletagError(f"limit must be between 1 and {MAX_PAGE}")
+    label_ids = _label_ids(session, style, level)
+    query = (
+        select(
+            ProductStyle.product_id, ProductStyle.score, ProductStyle.is_primary, ProductStyle.model_version,
+            ProductStyle.tagged_at, Product.sku, Product.title, Product.image_uri, StyleLabel.level, StyleLabel.name,
+        )
+        .join(Product, Product.id == ProductStyle.product_id)
+        .join(StyleLabel, StyleLabel.id == ProductStyle.label_id)
+        .where(ProductStyle.score >= min_score)
+    )
+    if len(label_ids) == 1:
+        query = query.where(ProductStyle.label_id == label_ids[0])
+    else:  # the same name in several taxonomies or levels
+        query = query.where(ProductStyle.label_id.in_(label_ids))
+    if after:
+        score, pid = decode_cursor(after)
+        query = query.where(
+            or_(ProductStyle.score < score, and_(ProductStyle.score == score, ProductStyle.product_id > pid))
+        )
+    rows = session.execute(
+        query.order_by(ProductStyle.score.desc(), ProductStyle.product_id).limit(limit + 1)
+    ).all()
+    page = rows[:limit]
+    items = [
+        {"sku": r.sku, "title": r.title, "image_uri": r.image_uri, "product_id": r.product_id, "level": r.level,
+         "style": r.name, "score": r.score, "is_primary": bool(r.is_primary), "model_version": r.model_version,
+         "tagged_at": _iso(r.tagged_at)}
+        for r in page
+    ]
+    next_cursor = encode_cursor(page[-1].score, page[-1].product_id) if len(rows) > limit else None
+    return items, next_cursor
+
+
+def facet_counts(
+    session: Session, level: str | None = None, min_score: float = 0.0, primary_only: bool = True
+) -> list[dict]:
+    """Products per style (every known style, zero counts included), coarse before fine."""
+    _check_level(level)
+    on = [ProductStyle.label_id == StyleLabel.id, ProductStyle.score >= min_score]
+    if primary_only:
+        on.append(ProductStyle.is_primary.is_(True))
+    query = (
+        select(StyleLabel.taxonomy, StyleLabel.level, StyleLabel.name, func.count(ProductStyle.product_id))
+        .outerjoin(ProductStyle, and_(*on))
+        .group_by(StyleLabel.id, StyleLabel.taxonomy, StyleLabel.level, StyleLabel.name, StyleLabel.position)
+        .order_by(StyleLabel.taxonomy, StyleLabel.level, StyleLabel.position)
+    )
+    if level is not None:
+        query = query.where(StyleLabel.level == level)
+    return [
+        {"taxonomy": taxonomy, "level": lvl, "style": name, "count": int(count)}
+        for taxonomy, lvl, name, count in session.execute(query)
+    ]
