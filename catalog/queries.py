@@ -123,8 +123,11 @@ def find_by_style(
         query = query.where(ProductStyle.label_id.in_(label_ids))
     if after:
         score, pid = decode_cursor(after)
+        # The redundant ``score <= s`` becomes an index condition, so the scan starts at the cursor
+        # instead of filtering every better-scored row of earlier pages.
         query = query.where(
-            or_(ProductStyle.score < score, and_(ProductStyle.score == score, ProductStyle.product_id > pid))
+            ProductStyle.score <= score,
+            or_(ProductStyle.score < score, and_(ProductStyle.score == score, ProductStyle.product_id > pid)),
         )
     rows = session.execute(
         query.order_by(ProductStyle.score.desc(), ProductStyle.product_id).limit(limit + 1)

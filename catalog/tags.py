@@ -20,9 +20,8 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, any_, bindparam, delete, select, text, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from catalog.errors import NotFound, StyletagError
@@ -79,13 +78,6 @@ def _insert(session: Session, entity):
     raise NotImplementedError(f"unsupported database dialect {name!r}")
 
 
-def _id_in(column, ids: list[int], dialect: str):
-    """``= ANY(array)`` on PostgreSQL (one parameter, one cached plan), ``IN (...)`` elsewhere."""
-    if dialect == "postgresql":
-        return column == any_(bindparam("ids", ids, type_=ARRAY(BigInteger)))
-    return column.in_(ids)
-
-
 def register_model(session: Session, version: str, trained_at: datetime, taxonomy: str, backbone: str) -> None:
     """Record a model before it writes tags (its trained_at orders it against other models).
     Idempotent; a version string re-used with another trained_at is refused, since it would
@@ -134,17 +126,25 @@ def write_batch(
     if trained_at is None:
         raise NotFound(f"model version {model_version!r} is not registered; call register_model first")
 
-    # Lock the products rows (id order, so concurrent writers never deadlock) and read their
-    # tag_state with its model's trained_at, in one round trip.
-    rows = select(Product.id, TagState.status, TagState.run_id, ModelVersion.trained_at)
-    rows = rows.outerjoin(TagState, TagState.product_id == Product.id)
-    rows = rows.outerjoin(ModelVersion, ModelVersion.version == TagState.model_version)
-    rows = rows.where(_id_in(Product.id, ids, dialect)).order_by(Product.id)
+    # Lock the products rows (id order, so concurrent writers never deadlock), THEN read tag_state in
+    # a second statement: under READ COMMITTED that statement takes a fresh snapshot which includes
+    # whatever the writer we waited for committed. (Read in the locking statement, the joined
+    # tag_state rows would be from before the wait, and a redelivered batch would be counted twice.)
     if dialect == "postgresql":
-        rows = rows.with_for_update(of=Product.__table__)
-    found = session.execute(rows).all()
-    present = {r.id for r in found}
-    prior = {r.id: r for r in found if r.status is not None}
+        present = set(session.scalars(_PG_LOCK_PRODUCTS, {"ids": _pg_array(ids)}))
+    else:  # SQLite: BEGIN IMMEDIATE already holds the database's write lock
+        present = set(session.scalars(select(Product.id).where(Product.id.in_(ids))))
+    if not present:
+        return WriteOutcome(0, 0, 0)
+    if dialect == "postgresql":
+        prior_rows = session.execute(_PG_PRIOR_STATE, {"ids": _pg_array(ids)}).all()
+    else:
+        prior_rows = session.execute(
+            select(TagState.product_id, TagState.status, TagState.run_id, ModelVersion.trained_at)
+            .outerjoin(ModelVersion, ModelVersion.version == TagState.model_version)
+            .where(TagState.product_id.in_(ids))
+        ).all()
+    prior = {r.product_id: r for r in prior_rows}
 
     now = datetime.now(UTC)
     styles: list[tuple[int, int, float, bool]] = []  # (product_id, label_id, score, is_primary)
@@ -208,7 +208,19 @@ _PG_UPSERT_STYLES = text(
     "model_version = excluded.model_version, tagged_at = excluded.tagged_at"
 )
 _PG_DELETE_STALE_STYLES = text(
-    "DELETE FROM product_styles WHERE product_id = ANY(CAST(:ids AS BIGINT[])) AND tagged_at <> :now"
+    "DELETE FROM product_styles s USING unnest(CAST(:ids AS BIGINT[])) AS u(id) "
+    "WHERE s.product_id = u.id AND s.tagged_at <> :now"
+)
+# Lookups join unnest(ids) rather than ``id = ANY(ids)``: should the planner misjudge a table's size
+# (fresh statistics after a bulk load), the worst case is one hash join, not a scan of the table that
+# compares every row with every id of the batch.
+_PG_LOCK_PRODUCTS = text(
+    "SELECT p.id FROM unnest(CAST(:ids AS BIGINT[])) AS u(id) JOIN products p ON p.id = u.id "
+    "ORDER BY p.id FOR UPDATE OF p"
+)
+_PG_PRIOR_STATE = text(
+    "SELECT t.product_id, t.status, t.run_id, m.trained_at FROM unnest(CAST(:ids AS BIGINT[])) AS u(id) "
+    "JOIN tag_state t ON t.product_id = u.id LEFT JOIN model_versions m ON m.version = t.model_version"
 )
 _PG_UPSERT_STATE = text(
     "INSERT INTO tag_state (product_id, model_version, image_version, status, reason, error, attempts, "

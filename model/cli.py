@@ -56,6 +56,7 @@ def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None
 @click.option("--weight-decay", type=float, default=0.05, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
 @click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True)
+@click.option("--warmup", type=float, default=0.15, show_default=True, help="Share of steps warming up.")
 @click.option("--label-smoothing", type=float, default=0.1, show_default=True)
 @click.option("--w-coarse", type=float, default=1.0, show_default=True, help="Coarse loss weight (0: flat fine-only).")
 @click.option("--w-fine", type=float, default=1.0, show_default=True)
@@ -70,7 +71,7 @@ def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None
 @click.option("--resume", type=click.Path(path_type=Path), default=None)
 @click.option("--no-progress", is_flag=True)
 def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_size, lr, weight_decay, optimizer,
-              schedule, label_smoothing, w_coarse, w_fine, input_size, no_augment, seed, limit, val_limit, threads,
+              schedule, warmup, label_smoothing, w_coarse, w_fine, input_size, no_augment, seed, limit, val_limit, threads,
               device, out, resume, no_progress):
     """Train the hierarchical model and write a checkpoint each epoch."""
     from .net import BACKBONES, MIN_INPUT_SIZE
@@ -95,7 +96,7 @@ def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_s
     train_set = load_dataset(data_name, "train", tax, source, limit, seed)
     val_set = load_dataset(data_name, "test", tax, source, None, seed)
     cfg = TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      optimizer=optimizer, schedule=schedule, label_smoothing=label_smoothing, w_coarse=w_coarse,
+                      optimizer=optimizer, schedule=schedule, warmup=warmup, label_smoothing=label_smoothing, w_coarse=w_coarse,
                       w_fine=w_fine, seed=seed, input_size=size, channels=1, mean=(0.2860,), std=(0.3530,),
                       pretrained=pretrained, augment=not no_augment, device=device, threads=threads,
                       out=str(out), resume=str(resume) if resume else None, val_limit=val_limit)

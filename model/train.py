@@ -39,7 +39,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     optimizer: str = "adamw"  # adamw | sgd
     schedule: str = "onecycle"  # onecycle | cosine
-    warmup: float = 0.25  # share of steps warming up (onecycle) ; cosine uses min(0.05, warmup)
+    warmup: float = 0.15  # share of steps warming up (onecycle); cosine uses min(0.05, warmup)
     label_smoothing: float = 0.1
     w_coarse: float = 1.0
     w_fine: float = 1.0

@@ -35,10 +35,7 @@ class WorkerSpec:
     queue: str
     argv: tuple[str, ...]
     env: dict[str, str]
-
-    @property
-    def nodename(self) -> str:
-        return self.argv[self.argv.index("-n") + 1]
+    nodename: str
 
 
 def discover_gpus() -> list[str]:
@@ -102,12 +99,13 @@ def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | Non
                 env["STYLETAG_METRICS_PORT"] = str(port)
                 port += 1
             prefetch = "1" if queue == "bulk" else str(4 * UPLOAD_FLUSH_EVERY)
+            nodename = f"{queue}-{slot}@{host}"
             argv = (
                 sys.executable, "-m", "celery", "--app", "worker.app:app", "worker",
-                "-Q", queue, "-n", f"{queue}-{slot}@{host}", "--pool", "prefork", "--concurrency", "1",
+                "-Q", queue, "-n", nodename, "--pool", "prefork", "--concurrency", "1",
                 "--prefetch-multiplier", prefetch, "--loglevel", loglevel, "--without-gossip", "--without-mingle",
             )
-            specs.append(WorkerSpec(gpu, queue, argv, env))
+            specs.append(WorkerSpec(gpu, queue, argv, env, nodename))
     return specs
 
 

@@ -23,7 +23,7 @@ def product_ids_for_skus(settings: Settings, skus: Sequence[str]) -> list[int]:
     with session_scope(settings.database_url) as session:
         for i in range(0, len(wanted), 1000):
             chunk = wanted[i : i + 1000]
-            found.update(session.execute(select(Product.sku, Product.id).where(Product.sku.in_(chunk))).tuples().all())
+            found.update(session.execute(select(Product.sku, Product.id).where(Product.sku.in_(chunk))).all())
     missing = [s for s in wanted if s not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -36,3 +36,38 @@ def fmnist_test_split(tmp_path_factory) -> ImportedCatalog:
     started = time.perf_counter()
     report = import_fashion_mnist(url, store_url, "test", progress=False)
     return ImportedCatalog(url=url, store_url=store_url, report=report, seconds=time.perf_counter() - started)
+
+
+@dataclass
+class Seeded:
+    url: str
+    ids: list[int]
+    labels: object  # catalog.labels.LabelMap
+
+
+@pytest.fixture
+def seed():
+    """seed(url, n) -> Seeded: n products (sku p00000...) and the fashion-mnist labels."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert, select
+
+    from catalog.db import session_scope
+    from catalog.labels import sync_labels
+    from catalog.schema import Product
+    from model.taxonomy import load_taxonomy
+
+    def make(url: str, n: int, start: int = 0) -> Seeded:
+        now = datetime.now(UTC)
+        with session_scope(url) as s:
+            labels = sync_labels(s, load_taxonomy("fashion-mnist"))
+            if n:
+                s.execute(insert(Product.__table__), [
+                    {"sku": f"p{i:05d}", "title": f"product {i}", "image_uri": f"file:///img/{i}.png",
+                     "image_version": f"v{i}", "created_at": now, "updated_at": now}
+                    for i in range(start, start + n)
+                ])
+            ids = list(s.scalars(select(Product.id).order_by(Product.id)))
+        return Seeded(url=url, ids=ids, labels=labels)
+
+    return make

@@ -6,8 +6,13 @@ from model.fmnist import DEFAULT_SOURCE
 from model.taxonomy import load_taxonomy
 
 HAVE_FMNIST = (DEFAULT_SOURCE / "t10k-images-idx3-ubyte.gz").is_file() or (DEFAULT_SOURCE / "t10k-images-idx3-ubyte").is_file()
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason=f"Fashion-MNIST IDX files not in {DEFAULT_SOURCE} "
-                                  "(apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture
+def fmnist():
+    """Skip (with the reason) where the Fashion-MNIST IDX files are not installed."""
+    if not HAVE_FMNIST:
+        pytest.skip(f"Fashion-MNIST IDX files not in {DEFAULT_SOURCE} (apt-get install dataset-fashion-mnist)")
 
 
 @pytest.fixture(autouse=True)

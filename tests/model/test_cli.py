@@ -1,13 +1,12 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from model.cli import eval_cmd, train_cmd
 
-from .conftest import needs_fmnist
 
-
-@needs_fmnist
+@pytest.mark.usefixtures("fmnist")
 def test_train_then_eval(tmp_path):
     out = tmp_path / "m.safetensors"
     r = CliRunner().invoke(train_cmd, ["--backbone", "resnet-tiny", "--epochs", "1", "--limit", "256", "--batch-size",

@@ -1,3 +1,5 @@
+import pytest
+
 """The multi-label path on real images: 2x2 mosaics of Fashion-MNIST items, styles-multilabel taxonomy."""
 
 import numpy as np
@@ -7,10 +9,8 @@ from model.evaluate import collect_logits, compute_metrics
 from model.fmnist import load_split
 from model.train import TrainConfig, train
 
-from .conftest import needs_fmnist
 
-
-@needs_fmnist
+@pytest.mark.usefixtures("fmnist")
 def test_mosaic_targets(ml_tax):
     images, labels = load_split("test")
     s = mosaic_dataset(images[:100], labels[:100], ml_tax, 50, seed=1)
@@ -21,7 +21,7 @@ def test_mosaic_targets(ml_tax):
     assert ((s.fine @ pm > 0) == (s.coarse > 0)).all()
 
 
-@needs_fmnist
+@pytest.mark.usefixtures("fmnist")
 def test_multilabel_training_learns_well_above_chance(ml_tax):
     images, labels = load_split("train")
     train_set = mosaic_dataset(images[:8000], labels[:8000], ml_tax, 3000, seed=0)

@@ -11,8 +11,6 @@ from model.evaluate import collect_logits, compute_metrics
 from model.predictor import Predictor
 from model.weights import DEFAULT_CHECKPOINT
 
-from .conftest import needs_fmnist
-
 shipped = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(),
                              reason=f"shipped checkpoint {DEFAULT_CHECKPOINT.name} not trained yet")
 
@@ -28,7 +26,7 @@ def test_shipped_metadata_and_size():
 
 
 @shipped
-@needs_fmnist
+@pytest.mark.usefixtures("fmnist")
 def test_shipped_accuracy_first_2000_test_images():
     p = Predictor.from_checkpoint(DEFAULT_CHECKPOINT, device="cpu")
     test = fmnist_dataset("test", p.taxonomy, limit=2000)
@@ -44,7 +42,7 @@ def test_shipped_accuracy_first_2000_test_images():
 
 
 @shipped
-@needs_fmnist
+@pytest.mark.usefixtures("fmnist")
 def test_eval_cli_json(tmp_path):
     from click.testing import CliRunner
 

@@ -8,14 +8,12 @@ from model.evaluate import collect_logits, compute_metrics
 from model.losses import HierarchicalLoss
 from model.train import TrainConfig, lr_at, train
 
-from .conftest import needs_fmnist
-
 
 def _set(fm_tax, n=64):
     return fmnist_dataset("train", fm_tax, limit=n)
 
 
-@needs_fmnist
+@pytest.mark.usefixtures("fmnist")
 def test_tiny_run_overfits_64_images(fm_tax, tmp_path):
     data = _set(fm_tax)
     cfg = TrainConfig(backbone="resnet-tiny", epochs=40, batch_size=32, lr=3e-3, weight_decay=0.0, augment=False,
@@ -28,7 +26,7 @@ def test_tiny_run_overfits_64_images(fm_tax, tmp_path):
     assert saved["metrics"] == meta["metrics"] and len(saved["train"]["history"]) == 40
 
 
-@needs_fmnist
+@pytest.mark.usefixtures("fmnist")
 def test_resume_matches_uninterrupted_run(fm_tax, tmp_path):
     data = _set(fm_tax, 48)
     common = dict(backbone="resnet-tiny", batch_size=16, lr=2e-3, threads=2, seed=3, epochs=2)

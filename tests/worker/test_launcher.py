@@ -50,7 +50,7 @@ def test_launcher_starts_one_process_per_gpu_with_its_environment(tmp_path):
     specs = []
     for s in build_specs(["0", "2", "5"], ["bulk"]):
         out = tmp_path / f"{s.nodename.split('@')[0]}.json"
-        specs.append(WorkerSpec(s.gpu, s.queue, (sys.executable, "-c", probe, str(out)), s.env))
+        specs.append(WorkerSpec(s.gpu, s.queue, (sys.executable, "-c", probe, str(out)), s.env, s.nodename))
     assert run_workers(specs) == 0
     seen = {}
     for f in tmp_path.glob("*.json"):

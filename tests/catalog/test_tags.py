@@ -1,0 +1,185 @@
+"""Tag writes: idempotent under redelivery, run counters counted exactly once per product, and an
+older model never overwrites a newer model's tags."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import delete, select
+
+from catalog.db import session_scope
+from catalog.errors import NotFound
+from catalog.runs import create_run, get_run, start_run
+from catalog.schema import Product, ProductStyle, TagState
+from catalog.tags import (
+    ModelVersionConflict,
+    ProductFailure,
+    ProductTags,
+    Tag,
+    finish_run_if_complete,
+    register_model,
+    write_batch,
+)
+
+OLD, NEW, NEWEST = "m-2025-01", "m-2025-02", "m-2025-03"
+
+
+@pytest.fixture
+def cat(db_url, seed):
+    seeded = seed(db_url, 20)
+    with session_scope(db_url) as s:
+        for version, month in ((OLD, 1), (NEW, 2), (NEWEST, 3)):
+            register_model(s, version, datetime(2025, month, 1, tzinfo=UTC), "fashion-mnist", "resnet18")
+    return seeded
+
+
+def tags_for(cat, pid: int, fine: int = 7, score: float = 0.9) -> ProductTags:
+    lm = cat.labels
+    return ProductTags(pid, f"v{pid}", [
+        Tag(lm.coarse_ids[5], score, True), Tag(lm.fine_ids[fine], score - 0.1, True),
+        Tag(lm.coarse_ids[0], 0.05, False), Tag(lm.fine_ids[0], 0.04, False),
+    ])
+
+
+def write(url, model, tagged=(), failed=(), run_id=None):
+    with session_scope(url) as s:
+        return write_batch(s, run_id=run_id, model_version=model, tagged=list(tagged), failed=list(failed))
+
+
+def snapshot(url):
+    with session_scope(url) as s:
+        styles = s.execute(select(ProductStyle.product_id, ProductStyle.label_id, ProductStyle.score,
+                                  ProductStyle.is_primary, ProductStyle.model_version)
+                           .order_by(ProductStyle.product_id, ProductStyle.label_id)).all()
+        states = s.execute(select(TagState.product_id, TagState.status, TagState.model_version, TagState.image_version,
+                                  TagState.reason, TagState.run_id).order_by(TagState.product_id)).all()
+    return [tuple(r) for r in styles], [tuple(r) for r in states]
+
+
+def counters(url, run_id):
+    with session_scope(url) as s:
+        run = get_run(s, run_id)
+        return run.done, run.failed, run.status
+
+
+def new_run(url, total, model=NEW):
+    with session_scope(url) as s:
+        run = create_run(s, "manual", "all", model)
+        start_run(s, run.id, total)
+        return run.id
+
+
+def test_write_is_idempotent(cat):
+    batch = [tags_for(cat, pid) for pid in cat.ids[:10]]
+    fail = [ProductFailure(cat.ids[10], "v", "missing", "no object at file:///img/10.png")]
+    first = write(cat.url, NEW, batch, fail)
+    assert (first.tagged, first.failed, first.skipped_newer) == (10, 1, 0)
+    snap = snapshot(cat.url)
+    assert len(snap[0]) == 40 and len(snap[1]) == 11
+    write(cat.url, NEW, batch, fail)
+    assert snapshot(cat.url) == snap
+    with session_scope(cat.url) as s:
+        assert s.get(TagState, cat.ids[0]).attempts == 2
+
+
+def test_retag_replaces_the_label_set(cat):
+    pid = cat.ids[0]
+    write(cat.url, NEW, [tags_for(cat, pid, fine=7)])
+    write(cat.url, NEW, [ProductTags(pid, "v2", [Tag(cat.labels.fine_ids[5], 0.7, True)])])
+    styles, states = snapshot(cat.url)
+    assert styles == [(pid, cat.labels.fine_ids[5], 0.7, True, NEW)]
+    assert states[0][3] == "v2"
+
+
+def test_failure_keeps_previous_tags(cat):
+    pid = cat.ids[0]
+    write(cat.url, NEW, [tags_for(cat, pid)])
+    styles_before = snapshot(cat.url)[0]
+    write(cat.url, NEW, failed=[ProductFailure(pid, "v9", "bad_image", "cannot decode")])
+    styles, states = snapshot(cat.url)
+    assert styles == styles_before
+    assert states == [(pid, "failed", NEW, "v9", "bad_image", None)]
+
+
+def test_older_model_never_overwrites_newer(cat):
+    ids = cat.ids[:5]
+    write(cat.url, NEW, [tags_for(cat, p, score=0.8) for p in ids])
+    snap = snapshot(cat.url)
+    out = write(cat.url, OLD, [tags_for(cat, p, score=0.6) for p in ids],
+                [ProductFailure(cat.ids[0], "v", "missing", "gone")])
+    assert (out.tagged, out.failed, out.skipped_newer) == (0, 0, 5)
+    assert snapshot(cat.url) == snap
+    out = write(cat.url, NEWEST, [tags_for(cat, p, score=0.7) for p in ids])
+    assert out.tagged == 5
+    assert {r[4] for r in snapshot(cat.url)[0]} == {NEWEST}
+
+
+def test_run_counters_count_each_product_once(cat):
+    run_id = new_run(cat.url, total=12)
+    batch_a = [tags_for(cat, p) for p in cat.ids[:8]]
+    fail_b = [ProductFailure(p, "v", "unreachable", "S3 unreachable") for p in cat.ids[8:12]]
+    write(cat.url, NEW, batch_a, run_id=run_id)
+    write(cat.url, NEW, batch_a, run_id=run_id)  # redelivered
+    write(cat.url, NEW, failed=fail_b, run_id=run_id)
+    write(cat.url, NEW, failed=fail_b, run_id=run_id)  # redelivered
+    assert counters(cat.url, run_id) == (8, 4, "running")
+    # A later failure of an already tagged product in the same run changes nothing.
+    write(cat.url, NEW, failed=[ProductFailure(cat.ids[0], "v", "unreachable", "x")], run_id=run_id)
+    assert counters(cat.url, run_id) == (8, 4, "running")
+    assert snapshot(cat.url)[1][0][1] == "tagged"
+    with session_scope(cat.url) as s:
+        assert not finish_run_if_complete(s, run_id + 1000)
+        assert finish_run_if_complete(s, run_id)  # 8 + 4 >= 12
+    assert counters(cat.url, run_id)[2] == "done"
+    # Retrying the failures in the same run moves them from failed to done.
+    write(cat.url, NEW, [tags_for(cat, p) for p in cat.ids[8:10]], run_id=run_id)
+    assert counters(cat.url, run_id)[:2] == (10, 2)
+    with session_scope(cat.url) as s:
+        assert not finish_run_if_complete(s, run_id)  # only once
+    # A second run counts the same products afresh.
+    run2 = new_run(cat.url, total=3)
+    write(cat.url, NEW, [tags_for(cat, p) for p in cat.ids[:3]], run_id=run2)
+    assert counters(cat.url, run2)[:2] == (3, 0)
+
+
+def test_unregistered_model_and_version_conflict(cat):
+    with pytest.raises(NotFound, match="register_model"):
+        write(cat.url, "never-registered", [tags_for(cat, cat.ids[0])])
+    with pytest.raises(ModelVersionConflict), session_scope(cat.url) as s:
+        register_model(s, NEW, datetime(2024, 1, 1, tzinfo=UTC), "fashion-mnist", "resnet18")
+    with session_scope(cat.url) as s:  # same values again: fine
+        register_model(s, NEW, datetime(2025, 2, 1, tzinfo=UTC), "fashion-mnist", "resnet18")
+
+
+def test_deleted_products_and_empty_batches_are_ignored(cat):
+    with session_scope(cat.url) as s:
+        s.execute(delete(Product).where(Product.id == cat.ids[0]))
+    out = write(cat.url, NEW, [tags_for(cat, p) for p in cat.ids[:3]])
+    assert out.tagged == 2
+    assert write(cat.url, NEW).tagged == 0
+
+
+def test_concurrent_overlapping_batches_on_postgres(pg_clean, seed):
+    cat = seed(pg_clean, 400)
+    with session_scope(pg_clean) as s:
+        register_model(s, NEW, datetime(2025, 2, 1, tzinfo=UTC), "fashion-mnist", "resnet18")
+    run_id = new_run(pg_clean, total=400)
+    errors = []
+
+    def worker(offset):
+        try:
+            for lo in range(offset, 400, 50):  # the two threads overlap on half of every batch
+                write(pg_clean, NEW, [tags_for(cat, p) for p in cat.ids[lo:lo + 100]], run_id=run_id)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(o,)) for o in (0, 0, 50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert counters(pg_clean, run_id)[:2] == (400, 0)
+    assert len(snapshot(pg_clean)[0]) == 1600
