@@ -28,6 +28,7 @@ COMMANDS = {
     "enqueue": "worker.cli:enqueue_cmd",
     "beat": "worker.cli:beat_cmd",
     "metrics": "worker.cli:metrics_cmd",
+    "report": "worker.report:report_cmd",
 }
 
 
