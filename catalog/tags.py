@@ -150,16 +150,22 @@ def write_batch(
     styles: list[tuple[int, int, float, bool]] = []  # (product_id, label_id, score, is_primary)
     states: list[tuple[int, str | None, str, str | None, str | None]] = []  # (pid, image_version, status, reason, error)
     rewrite_ids: list[int] = []
+    claim_ids: list[int] = []  # kept newer tags: only tag_state.run_id moves to this run
     done_delta = failed_delta = skipped = 0
     for pid in ids:
         if pid not in present:  # deleted since the batch was enqueued: nothing to tag
             continue
         item = by_id[pid]
         before = prior.get(pid)
-        if before is not None and before.trained_at is not None and before.trained_at > trained_at:
-            skipped += 1
-            continue
         same_run = run_id is not None and before is not None and before.run_id == run_id
+        if before is not None and before.trained_at is not None and before.trained_at > trained_at:
+            # A newer model's tags stay. The product still counts as handled (done) by this run, once,
+            # so the run can finish and a resume does not send it again.
+            skipped += 1
+            if run_id is not None and not same_run:
+                claim_ids.append(pid)
+                done_delta += 1
+            continue
         is_tag = isinstance(item, ProductTags)
         if not is_tag and same_run and before.status == "tagged":
             continue  # already tagged in this run: a later (redelivered) failure must not undo it
@@ -183,6 +189,9 @@ def write_batch(
         _write_pg(session, rewrite_ids, styles, states, common)
     else:
         _write_generic(session, rewrite_ids, styles, states, common)
+    if claim_ids:
+        ts = TagState.__table__
+        session.execute(update(ts).where(ts.c.product_id.in_(claim_ids)).values(run_id=run_id))
     if run_id is not None and (done_delta or failed_delta):
         runs = TaggingRun.__table__
         session.execute(

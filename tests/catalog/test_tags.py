@@ -183,3 +183,18 @@ def test_concurrent_overlapping_batches_on_postgres(pg_clean, seed):
     assert errors == []
     assert counters(pg_clean, run_id)[:2] == (400, 0)
     assert len(snapshot(pg_clean)[0]) == 1600
+
+
+def test_run_of_an_older_model_still_finishes_and_counts_kept_products_once(cat):
+    """Products kept at a newer model's tags count as done in the older model's run, exactly once."""
+    ids = cat.ids[:6]
+    write(cat.url, NEW, [tags_for(cat, p, score=0.8) for p in ids])
+    snap = snapshot(cat.url)
+    run_id = new_run(cat.url, total=6)
+    for _ in range(2):  # the second delivery must not count again
+        out = write(cat.url, OLD, [tags_for(cat, p, score=0.6) for p in ids], run_id=run_id)
+        assert out.skipped_newer == 6 and out.tagged == 0
+    assert counters(cat.url, run_id) == (6, 0, "running")
+    styles, states = snapshot(cat.url)
+    assert styles == snap[0]  # the newer tags are untouched
+    assert {s[2] for s in states} == {NEW}
