@@ -9,6 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 .PHONY: setup test lint demo bench clean
 
 setup: $(STAMP) $(FMNIST)/t10k-images-idx3-ubyte.gz
+	@command -v chromium >/dev/null || { if [ "$$(id -u)" = "0" ]; then export DEBIAN_FRONTEND=noninteractive; (apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)); else echo "warning: chromium missing (the report's screenshot test is skipped); run 'sudo apt-get install -y chromium'"; fi; }
 
 $(FMNIST)/t10k-images-idx3-ubyte.gz:
 	@if [ "$$(id -u)" = "0" ]; then \

@@ -54,8 +54,10 @@ def make_engine(url: str, **kwargs) -> Engine:
         kwargs.setdefault("pool_size", 5)
         kwargs.setdefault("connect_args", {"connect_timeout": 10})
         return create_engine(url, **kwargs)
-    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
-        raise ConfigError(f"bad database URL {redact_url(url)!r}: {exc.__class__.__name__}") from None
+    except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as exc:
+        why = "its database driver is not installed" if isinstance(exc, ImportError) else exc.__class__.__name__
+        raise ConfigError(f"bad database URL {redact_url(url)!r}: {why}; use postgresql+psycopg://user@host/db "
+                          "or sqlite:///path") from None
 
 
 @lru_cache(maxsize=8)

@@ -53,6 +53,9 @@ def _rows(session: Session, taxonomy: str) -> list[StyleLabel]:
 def sync_labels(session: Session, taxonomy: Taxonomy) -> LabelMap:
     """Insert the taxonomy's labels if missing (idempotent, safe against a concurrent importer via
     ON CONFLICT DO NOTHING) and return the verified map. Does not commit."""
+    if _rows(session, taxonomy.name):
+        # A known taxonomy must match as it is: inserting a renamed label first would report a gap.
+        return label_map(session, taxonomy.name, expect=taxonomy)
     coarse = [
         {"taxonomy": taxonomy.name, "level": "coarse", "name": name, "parent_id": None, "position": i}
         for i, name in enumerate(taxonomy.coarse.labels)

@@ -11,9 +11,11 @@ module never reads a secret, and error messages name the URI and the error code,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
+import stat
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -238,12 +240,26 @@ def _md5_file(path: str) -> str:
     return h.hexdigest()
 
 
+# Errors of a local or network file system that may go away; any other error is about the path itself
+# (too long, a symlink loop, ...) and retrying it would only delay the batch.
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EMFILE,
+                     errno.ENFILE, errno.ENOMEM, errno.EBUSY, errno.ENOLCK}
+
+
 def _file_error(exc: OSError, uri: str) -> StorageError:
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
-        return ObjectMissing(f"no object at {uri}")
+        return ObjectMissing(f"no object at {uri[:200]}")
     if isinstance(exc, PermissionError):
-        return StorageError(f"permission denied reading {uri}")
-    return TransientStorageError(f"cannot read {uri}: {exc.strerror or exc.__class__.__name__}")
+        return StorageError(f"permission denied reading {uri[:200]}")
+    if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+        return ForbiddenURI(f"image URI {uri[:200]!r} names no readable file: {exc.strerror}")
+    if exc.errno in _TRANSIENT_ERRNOS:
+        return TransientStorageError(f"cannot read {uri[:200]}: {exc.strerror or exc.__class__.__name__}")
+    return StorageError(f"cannot read {uri[:200]}: {exc.strerror or exc.__class__.__name__}")
+
+
+def _not_regular(uri: str) -> ForbiddenURI:
+    return ForbiddenURI(f"image URI {uri[:200]!r} is not a regular file (directory, FIFO or device)")
 
 
 def _file_head(loc: Location) -> ObjectInfo:
@@ -398,6 +414,12 @@ class ImageReader:
         loc = check_uri(uri, self.allowed_prefixes)
         if loc.scheme == "file":
             loc = Location(uri=loc.uri, scheme="file", path=self._real_path(loc))
+            try:
+                mode = os.stat(loc.path).st_mode
+            except OSError as exc:
+                raise _file_error(exc, loc.uri) from None
+            if not stat.S_ISREG(mode):
+                raise _not_regular(loc.uri)
         return head_location(loc)
 
     def _too_large(self, uri: str, size: int) -> ObjectTooLarge:
@@ -407,14 +429,7 @@ class ImageReader:
         """Check, size-check (stat / HEAD) and only then read at most ``max_bytes + 1`` bytes."""
         loc = check_uri(uri, self.allowed_prefixes)
         if loc.scheme == "file":
-            path = self._real_path(loc)
-            try:
-                size = os.stat(path).st_size
-            except OSError as exc:
-                raise _file_error(exc, loc.uri) from None
-            if size > self.max_bytes:
-                raise self._too_large(loc.uri, size)
-            data = _file_get(path, loc.uri, self.max_bytes)
+            data = self._read_file(loc)
         else:
             size = _s3_head(loc).size
             if size > self.max_bytes:
@@ -423,6 +438,34 @@ class ImageReader:
         if len(data) > self.max_bytes:  # it grew between the size check and the read
             raise self._too_large(loc.uri, len(data))
         return data
+
+    def _read_file(self, loc: Location) -> bytes:
+        """Open the resolved path without following a symlink swapped in since the check (O_NOFOLLOW)
+        and without blocking on a FIFO (O_NONBLOCK); size and type come from the open descriptor, so
+        what is checked is what is read. Only regular files are read."""
+        path = self._real_path(loc)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ForbiddenURI(f"image URI {loc.uri[:200]!r} became a symlink while being read") from None
+            raise _file_error(exc, loc.uri) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise _not_regular(loc.uri)
+            if info.st_size > self.max_bytes:
+                raise self._too_large(loc.uri, info.st_size)
+            chunks, left = [], self.max_bytes + 1
+            while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
+        except OSError as exc:
+            raise _file_error(exc, loc.uri) from None
+        finally:
+            os.close(fd)
 
     def _get_or_error(self, uri: str) -> bytes | StorageError:
         try:

@@ -4,7 +4,10 @@ The worker calls :func:`write_batch` once per batch inside its one transaction. 
 
 * **Idempotent.** Writing the same batch twice (a redelivered Celery message) leaves the same rows
   and the same run counters: product_styles are replaced, tag_state is upserted, and a product counts
-  toward ``tagging_runs.done``/``failed`` only when it first reaches a final state in that run.
+  toward ``tagging_runs.done``/``failed`` only when it first reaches a final state in that run. A
+  product this run already tagged with the same model and image is not written again at all.
+  ``tag_state.run_id`` is the last *run* that reached the product: a write outside any run (uploads)
+  keeps it, so that a late redelivery of that run cannot count the product a second time.
 * **Monotonic.** A product whose tags came from a model trained later than this one is skipped, so a
   straggling worker with an old checkpoint never regresses the catalog.
 * **Non-destructive failures.** A failed fetch or decode records why in tag_state and keeps the
@@ -20,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -140,7 +143,8 @@ def write_batch(
         prior_rows = session.execute(_PG_PRIOR_STATE, {"ids": _pg_array(ids)}).all()
     else:
         prior_rows = session.execute(
-            select(TagState.product_id, TagState.status, TagState.run_id, ModelVersion.trained_at)
+            select(TagState.product_id, TagState.status, TagState.run_id, TagState.model_version,
+                   TagState.image_version, ModelVersion.trained_at)
             .outerjoin(ModelVersion, ModelVersion.version == TagState.model_version)
             .where(TagState.product_id.in_(ids))
         ).all()
@@ -169,6 +173,9 @@ def write_batch(
         is_tag = isinstance(item, ProductTags)
         if not is_tag and same_run and before.status == "tagged":
             continue  # already tagged in this run: a later (redelivered) failure must not undo it
+        if (is_tag and same_run and before.status == "tagged" and before.model_version == model_version
+                and before.image_version == item.image_version):
+            continue  # this run already wrote these tags (a redelivered message): write nothing twice
         if run_id is not None:
             if not same_run:
                 done_delta += is_tag
@@ -228,7 +235,8 @@ _PG_LOCK_PRODUCTS = text(
     "ORDER BY p.id FOR UPDATE OF p"
 )
 _PG_PRIOR_STATE = text(
-    "SELECT t.product_id, t.status, t.run_id, m.trained_at FROM unnest(CAST(:ids AS BIGINT[])) AS u(id) "
+    "SELECT t.product_id, t.status, t.run_id, t.model_version, t.image_version, m.trained_at "
+    "FROM unnest(CAST(:ids AS BIGINT[])) AS u(id) "
     "JOIN tag_state t ON t.product_id = u.id LEFT JOIN model_versions m ON m.version = t.model_version"
 )
 _PG_UPSERT_STATE = text(
@@ -239,7 +247,8 @@ _PG_UPSERT_STATE = text(
     "CAST(:errs AS TEXT[])) AS u(pid, iv, st, reason, err) "
     "ON CONFLICT (product_id) DO UPDATE SET model_version = excluded.model_version, "
     "image_version = excluded.image_version, status = excluded.status, reason = excluded.reason, "
-    "error = excluded.error, run_id = excluded.run_id, attempts = tag_state.attempts + 1, "
+    "error = excluded.error, run_id = COALESCE(excluded.run_id, tag_state.run_id), "
+    "attempts = tag_state.attempts + 1, "
     "updated_at = excluded.updated_at"
 )
 
@@ -293,7 +302,7 @@ def _write_generic(
                     "status": ins.excluded.status,
                     "reason": ins.excluded.reason,
                     "error": ins.excluded.error,
-                    "run_id": ins.excluded.run_id,
+                    "run_id": func.coalesce(ins.excluded.run_id, TagState.__table__.c.run_id),
                     "attempts": TagState.__table__.c.attempts + 1,
                     "updated_at": ins.excluded.updated_at,
                 },

@@ -128,7 +128,7 @@ def eval_cmd(checkpoint, source, limit, batch_size, device, decoding, as_json, p
     test = load_dataset(data_name, "test", tax, source, limit, (meta.get("config") or {}).get("seed", 0))
     t0 = time.time()
     logits = collect_logits(model, test, mean=meta["mean"], std=meta["std"], input_size=meta["input_size"],
-                            batch_size=batch_size, device=dev)
+                            batch_size=batch_size, device=dev, channels=int(meta["channels"]))
     m = compute_metrics(tax, logits, decoding)
     seconds = time.time() - t0
     written = []

@@ -96,6 +96,42 @@ def iterate_batches(
     yield from loader
 
 
+def as_dataset(data):
+    """Accept a map-style Dataset / sequence as is; a callable returning an iterable of items (or a plain
+    iterable) is read once into an in-memory ArraySet (fine for pre-resized images; pass a map-style
+    Dataset for sets too big for memory)."""
+    if isinstance(data, ArraySet) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        return data
+    items = data() if callable(data) else data
+    images, coarse, fine = [], [], []
+    for im, c, f in items:
+        im = np.asarray(im, dtype=np.uint8)
+        images.append(im[..., None] if im.ndim == 2 else im)
+        coarse.append(np.asarray(c))
+        fine.append(np.asarray(f))
+    if not images:
+        return ArraySet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    c_arr, f_arr = np.stack(coarse), np.stack(fine)
+    c_arr = c_arr.astype(np.float32) if c_arr.ndim > 1 else c_arr.astype(np.int64)
+    f_arr = f_arr.astype(np.float32) if f_arr.ndim > 1 else f_arr.astype(np.int64)
+    return ArraySet(np.stack(images), c_arr, f_arr)
+
+
+def fit_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 NHWC with 1, 3 or 4 channels -> ``channels`` (RGB -> luma as PIL's "L"; grey -> repeated)."""
+    c = x.shape[-1]
+    if c == channels:
+        return x
+    if channels == 1 and c in (3, 4):
+        w = torch.tensor([0.299, 0.587, 0.114], device=x.device)
+        return (x[..., :3].float() @ w).round().clamp(0, 255).to(torch.uint8).unsqueeze(-1)
+    if channels == 3 and c == 1:
+        return x.expand(*x.shape[:3], 3)
+    if channels == 3 and c == 4:
+        return x[..., :3]
+    raise ValueError(f"model wants {channels} channels, images have {c}")
+
+
 def n_batches(data, batch_size: int) -> int:
     return math.ceil(len(data) / batch_size)
 

@@ -7,7 +7,7 @@ import torch
 
 from . import metrics as M
 from .consistency import child_mask, decode_independent, decode_multi, decode_single, parent_index
-from .data import iterate_batches, to_input
+from .data import as_dataset, fit_channels, iterate_batches, to_input
 from .taxonomy import Taxonomy
 
 
@@ -23,6 +23,7 @@ def collect_logits(
     device: str | torch.device = "cpu",
     channels_last: bool = False,
     amp_dtype: torch.dtype | None = None,
+    channels: int | None = None,
 ) -> dict[str, np.ndarray]:
     """coarse/fine logits and targets of the whole dataset as numpy arrays."""
     device = torch.device(device)
@@ -31,8 +32,11 @@ def collect_logits(
     was_training = model.training
     model.eval()
     out: dict[str, list] = {"coarse_logits": [], "fine_logits": [], "coarse_t": [], "fine_t": []}
-    for x, ct, ft in iterate_batches(data, batch_size):
-        xin = to_input(x.to(device, non_blocking=True), mean_t, std_t, input_size, channels_last)
+    for x, ct, ft in iterate_batches(as_dataset(data), batch_size):
+        x = x.to(device, non_blocking=True)
+        if channels:
+            x = fit_channels(x, channels)
+        xin = to_input(x, mean_t, std_t, input_size, channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             c, f = model(xin)
         out["coarse_logits"].append(c.float().cpu())

@@ -75,7 +75,8 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """A compact ResNet for 28-64 px inputs: 3x3 stem, no max-pool, three stages, global average pool."""
 
-    def __init__(self, channels: int = 1, widths: tuple[int, ...] = (32, 64, 128), depths: tuple[int, ...] = (2, 2, 2)):
+    def __init__(self, channels: int = 1, widths: tuple[int, ...] = (32, 64, 128), depths: tuple[int, ...] = (2, 2, 2),
+                 zero_init_residual: bool = False):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
@@ -92,9 +93,10 @@ class SmallResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for m in self.modules():  # zero-init the last BN of each block: each block starts as identity
-            if isinstance(m, BasicBlock):
-                nn.init.zeros_(m.bn2.weight)
+        if zero_init_residual:  # each block starts as identity; slows early learning on short schedules
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.stages(self.stem(x))), 1)

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .consistency import child_mask, decode_multi, decode_single, parent_index
-from .data import to_input
+from .data import fit_channels, to_input
 from .net import build_model
 from .taxonomy import Taxonomy, TaxonomyError
 from .train import DEFAULT_THRESHOLDS, pick_device
@@ -76,6 +76,7 @@ class Predictor:
         self._multi = taxonomy.multi_label
         self._mask = child_mask(taxonomy.parents, len(taxonomy.coarse.labels), device)
         self._parent = None if self._multi else parent_index(taxonomy.parents, device)
+        self._mask_np = self._mask.cpu().numpy().astype(np.int32)
         self._cuda = device.type == "cuda"
         self._amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if self._cuda else None
         self._channels_last = True
@@ -102,23 +103,12 @@ class Predictor:
             raise ValueError(f"predict wants (N, H, W, C) images, got shape {tuple(x.shape)}")
         return x
 
-    def _fit_channels(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[-1]
-        if c == self.channels:
-            return x
-        if self.channels == 1 and c in (3, 4):  # RGB(A) -> luma, as PIL's "L" mode does
-            w = torch.tensor([0.299, 0.587, 0.114], device=x.device)
-            return (x[..., :3].float() @ w).round().clamp(0, 255).to(torch.uint8).unsqueeze(-1)
-        if self.channels == 3 and c == 1:
-            return x.expand(*x.shape[:3], 3)
-        raise ValueError(f"model wants {self.channels} channels, images have {c}")
-
     # ------------------------------------------------------------------ inference
 
     @torch.inference_mode()
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC (host or device) -> [N, C + F + 2] float on the host (scores, primary pair)."""
-        x = self._fit_channels(x.to(self.device, non_blocking=True))
+        x = fit_channels(x.to(self.device, non_blocking=True), self.channels)
         xin = to_input(x, self._mean, self._std, self.input_size, self._channels_last)
         with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._cuda):
             c, f = self.model(xin)
@@ -157,7 +147,7 @@ class Predictor:
         ftag[rows, pf] = True
         if not self._multi:
             # a fine tag always brings its parent (the scores guarantee it; this keeps the masks exact)
-            ctag |= (ftag.astype(np.int32) @ self._mask.cpu().numpy().T.astype(np.int32)) > 0
+            ctag |= (ftag.astype(np.int32) @ self._mask_np.T) > 0
         return {"coarse_scores": cs, "fine_scores": fs, "primary_coarse": pc, "primary_fine": pf,
                 "coarse_tags": ctag, "fine_tags": ftag}
 

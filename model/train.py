@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, load_optimizer, save_checkpoint, save_optimizer
 from .consistency import parent_index
-from .data import Augment, iterate_batches, n_batches, to_input
+from .data import Augment, as_dataset, fit_channels, iterate_batches, n_batches, to_input
 from .errors import ModelError
 from .evaluate import collect_logits, compute_metrics, summary
 from .losses import HierarchicalLoss
@@ -136,6 +136,8 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    train_data = as_dataset(train_data)
+    val_data = as_dataset(val_data) if val_data is not None else None
     if len(train_data) == 0:
         raise ModelError("the training set is empty")
     model = build_model(
@@ -184,7 +186,7 @@ def train(
             step = epoch * spe + i
             for grp in opt.param_groups:
                 grp["lr"] = lr_at(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup)
-            x = x.to(device, non_blocking=True)
+            x = fit_channels(x.to(device, non_blocking=True), cfg.channels)
             ct, ft = ct.to(device, non_blocking=True), ft.to(device, non_blocking=True)
             if cfg.augment:
                 x = aug.crop_flip(x, g_dev)
@@ -214,7 +216,8 @@ def train(
                "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
         if val_small is not None:
             logits = collect_logits(model, val_small, mean=cfg.mean, std=cfg.std, input_size=cfg.input_size,
-                                    batch_size=512, device=device, channels_last=channels_last)
+                                    batch_size=512, device=device, channels_last=channels_last,
+                                    channels=cfg.channels)
             row.update({f"val_{k}": v for k, v in summary(compute_metrics(taxonomy, logits)).items()
                         if isinstance(v, float)})
         history.append(row)
@@ -228,7 +231,8 @@ def train(
     final_metrics: dict = {}
     if val_data is not None:
         logits = collect_logits(model, val_data, mean=cfg.mean, std=cfg.std, input_size=cfg.input_size,
-                                batch_size=512, device=device, channels_last=channels_last)
+                                batch_size=512, device=device, channels_last=channels_last,
+                                channels=cfg.channels)
         final_metrics = summary(compute_metrics(taxonomy, logits))
         log("final " + " ".join(f"{k}={v}" for k, v in final_metrics.items()))
     meta.update(trained_at=_now(), metrics=final_metrics,

@@ -22,6 +22,10 @@ UPLOADS_QUEUE = "uploads"
 BULK_SOFT_TIME_LIMIT = int(os.environ.get("STYLETAG_TASK_SOFT_TIME_LIMIT", "900"))
 BULK_TIME_LIMIT = BULK_SOFT_TIME_LIMIT + 60
 VISIBILITY_TIMEOUT = int(os.environ.get("STYLETAG_VISIBILITY_TIMEOUT", str(max(3600, BULK_TIME_LIMIT * 2))))
+# kombu gives an unacknowledged message back to the queue only when a consumer sweeps for expired ones,
+# by default every 10 s x 10 = 100 s whatever the timeout. Sweep at a fifth of the timeout (1 to 10 s),
+# so that a killed worker's chunk is redelivered about one visibility timeout after it was taken.
+UNACKED_RESTORE_INTERVAL = max(1, min(10, VISIBILITY_TIMEOUT // 5))
 
 # Upload micro-batching: a burst becomes full batches; a lone upload waits at most the interval.
 UPLOAD_FLUSH_EVERY = int(os.environ.get("STYLETAG_UPLOAD_BATCH", "64"))
@@ -55,7 +59,11 @@ def make_app(settings: Settings | None = None) -> Celery:
         },
         task_soft_time_limit=BULK_SOFT_TIME_LIMIT,
         task_time_limit=BULK_TIME_LIMIT,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT,
+            "unacked_restore_interval": UNACKED_RESTORE_INTERVAL,
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         broker_connection_max_retries=int(os.environ.get("STYLETAG_BROKER_MAX_RETRIES", "100")),

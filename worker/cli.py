@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 
 import click
@@ -187,40 +188,88 @@ def _one_line(exc: BaseException) -> str:
     return text[0][:300] if text else exc.__class__.__name__
 
 
+KNOWN_ERRORS = {"CheckpointError", "TaxonomyError", "FashionMNISTMissing", "ModelError", "TaxonomyMismatch"}
+
+
+def _fail(message: str, code: int = 1) -> None:
+    """Print ``error: <one line>`` on stderr, secrets masked, and exit with ``code``."""
+    from worker.logs import scrub
+
+    line = " ".join(str(message).split()) or "unknown error"  # one line, whatever the message held
+    try:
+        click.echo(f"error: {scrub(line)}", err=True)
+    except Exception:  # noqa: BLE001, S110 - stderr gone (closed pipe): the exit code still says it
+        pass
+    sys.exit(code)
+
+
+def _setting(name: str) -> str:
+    """A URL setting for an error message, password masked; never raises (we are already failing)."""
+    from catalog.settings import Settings, redact_url
+
+    try:
+        return redact_url(getattr(Settings.from_env(), name))
+    except Exception:  # noqa: BLE001 - a malformed setting must not hide the error being reported
+        return f"(see STYLETAG_{name.upper()})"
+
+
+def _database_error(exc: BaseException) -> str:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    url = _setting("database_url")
+    detail = _one_line(getattr(exc, "orig", None) or exc)
+    lowered = detail.lower()
+    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
+        return f"database {url} is not migrated ({detail}); run 'styletag db upgrade'"
+    if isinstance(exc, OperationalError | InterfaceError):
+        return f"database {url} unavailable ({detail}); check STYLETAG_DATABASE_URL and that the server is up"
+    return f"database {url} refused the operation ({detail}); check STYLETAG_DATABASE_URL and its privileges"
+
+
+def _is_broker_error(exc: BaseException) -> bool:
+    """kombu / redis-py connection errors (checked without importing them: if they are not loaded,
+    the error cannot be theirs)."""
+    kinds = []
+    for module, attr in (("kombu.exceptions", "OperationalError"), ("redis.exceptions", "ConnectionError"),
+                         ("redis.exceptions", "AuthenticationError"), ("redis.exceptions", "TimeoutError")):
+        mod = sys.modules.get(module)
+        if mod is not None and hasattr(mod, attr):
+            kinds.append(getattr(mod, attr))
+    return bool(kinds) and isinstance(exc, tuple(kinds))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: map every known failure to one line and an exit code."""
-    from sqlalchemy.exc import DBAPIError, OperationalError
+    """Entry point: map every failure to one line on stderr (``error: ...``, secrets masked) and a
+    non-zero exit code; a traceback only with ``--log-level DEBUG``, through the scrubbed log."""
+    from sqlalchemy.exc import DBAPIError
 
     try:
         cli.main(args=argv, prog_name="styletag", standalone_mode=False)
     except StyletagError as exc:
-        click.echo(f"error: {exc.message}", err=True)
+        _fail(exc.message, exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _fail("aborted", 130)
+    except click.UsageError as exc:
+        exc.show()  # a usage error: click's own "Usage: ... Error: ..." text
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # model errors (model/errors.py) are ClickExceptions
+        _fail(exc.format_message(), exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except (OperationalError, DBAPIError) as exc:
-        from catalog.settings import Settings, redact_url
-
-        url = redact_url(Settings.from_env().database_url)
-        detail = _one_line(getattr(exc, "orig", exc))
-        click.echo(f"error: database {url} unavailable or not migrated ({detail}); "
-                   "check STYLETAG_DATABASE_URL and run 'styletag db upgrade'", err=True)
+    except BrokenPipeError:  # stdout piped into head: nothing left to say, and no flush error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    except Exception as exc:
+    except DBAPIError as exc:
+        logging.getLogger("styletag").debug("database error", exc_info=True)
+        _fail(_database_error(exc))
+    except Exception as exc:  # noqa: BLE001 - the one place every other error becomes one line
+        logging.getLogger("styletag").debug("error", exc_info=True)
         name = exc.__class__.__name__
-        known = {"CheckpointError", "TaxonomyError", "FashionMNISTMissing", "ModelError", "TaxonomyMismatch"}
-        if name in known or any(c.__name__ in known for c in type(exc).__mro__):
-            click.echo(f"error: {_one_line(exc)}", err=True)
-            sys.exit(1)
-        logging.getLogger("styletag").debug("unexpected error", exc_info=True)
-        click.echo(f"error: unexpected {name}: {_one_line(exc)} (run with --log-level DEBUG for details)", err=True)
-        sys.exit(1)
+        if name in KNOWN_ERRORS or any(c.__name__ in KNOWN_ERRORS for c in type(exc).__mro__):
+            _fail(_one_line(exc))
+        if _is_broker_error(exc):
+            _fail(f"broker {_setting('broker_url')} unreachable ({_one_line(exc)}); check STYLETAG_BROKER_URL")
+        _fail(f"unexpected {name}: {_one_line(exc)} (run with --log-level DEBUG for details)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,17 @@
-"""Logging set-up: plain or JSON lines, and a filter that scrubs secrets from every record."""
+"""Logging set-up: plain or JSON lines, and a scrubber that keeps secrets out of every record.
+
+JSON lines (``styletag --log-json ...`` or ``STYLETAG_LOG_JSON=1``) put one object per line on stderr:
+``ts``, ``level``, ``logger``, ``msg`` and, where known, ``run_id``, ``task_id``, ``task``,
+``batch_size``, ``tagged``, ``failed``, ``skipped_newer``, ``redelivered``, ``retries``, ``seconds`` and
+``stages`` (seconds per pipeline stage), plus the worker's ``queue`` and ``gpu``. ``--log-json`` also
+sets ``STYLETAG_LOG_JSON=1`` so that the Celery processes the launcher starts log JSON too; inside
+them Celery configures logging and :func:`setup_celery_logger` (connected in ``worker/tasks.py``)
+swaps in the JSON formatter.
+
+Secrets: values of environment variables named like a secret (``*PASSWORD*``, ``*SECRET*``,
+``*TOKEN*``, ``*_AUTH``), passwords inside URLs (``scheme://user:pw@``) and ``password=...`` pairs are
+replaced by ``***`` in the message, the traceback and every extra field, whatever a library wrote.
+"""
 
 from __future__ import annotations
 
@@ -8,55 +21,179 @@ import os
 import re
 import sys
 import time
+from urllib.parse import unquote, urlsplit
+
+JSON_ENV = "STYLETAG_LOG_JSON"
+# Extra fields a record may carry (``log.info(..., extra={...})``) that JSON lines keep as fields.
+FIELDS = ("run_id", "task_id", "task", "batch_size", "tagged", "failed", "skipped_newer", "redelivered", "retries",
+          "seconds", "stages")
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
+_KV_PASSWORD = re.compile(r"(?P<key>\b(?:password|passwd|pwd|secret|token)\s*[=:]\s*)(?P<pw>[^\s&;,'\"]+)", re.I)
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|_AUTH$|CREDENTIAL|PRIVATE_KEY", re.I)
+_MIN_SECRET = 4  # shorter values would scrub ordinary words
+
+
+def json_enabled() -> bool:
+    return os.environ.get(JSON_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _secrets() -> list[str]:
-    names = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PGPASSWORD", "STYLETAG_DB_PASSWORD")
-    return [v for n in names if len(v := os.environ.get(n, "")) >= 4]
+    """Secret values from the environment, longest first (so that no fragment is left behind)."""
+    found: set[str] = set()
+    for name, value in os.environ.items():
+        if not value:
+            continue
+        if _SECRET_NAME.search(name):
+            found.add(value)
+            if ":" in value and name.upper().endswith("_AUTH"):  # user:password (FLOWER_BASIC_AUTH)
+                found.add(value.split(":", 1)[1])
+        if "://" in value and "@" in value:  # a URL setting with a password in it
+            try:
+                password = urlsplit(value).password
+            except ValueError:
+                password = None
+            if password:
+                found.update((password, unquote(password)))
+    return sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
 
 
 def scrub(text: str) -> str:
+    """``text`` with URL passwords, ``password=...`` values and secret environment values masked."""
+    if not text:
+        return text
     text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = _KV_PASSWORD.sub(lambda m: f"{m['key']}***", text)
     for secret in _secrets():
-        text = text.replace(secret, "***")
+        if secret in text:
+            text = text.replace(secret, "***")
     return text
 
 
+def scrub_value(value):
+    """Scrub strings inside a JSON-ready value (dicts, lists, numbers pass through)."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {scrub(str(k)): scrub_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub_value(v) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return scrub(str(value))
+
+
 class ScrubFilter(logging.Filter):
+    """Masks secrets in the message and in the traceback text before any formatter sees them."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
+        try:
+            msg = record.getMessage()
+        except Exception:  # a broken format string: leave it to logging's own error report
+            return True
         clean = scrub(msg)
         if clean != msg:
             record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
         return True
 
 
+def _current_task() -> tuple[str | None, str | None]:
+    """(task id, task name) of the Celery task running in this thread, if any."""
+    if "celery" not in sys.modules:
+        return None, None
+    try:
+        from celery import current_task
+
+        task = current_task._get_current_object() if current_task else None
+        if task is None or task.request is None or task.request.id is None:
+            return None, None
+        return task.request.id, task.name
+    except Exception:  # never let logging fail
+        return None, None
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record; every string in it scrubbed."""
+
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": scrub(record.getMessage()),
+            "pid": record.process,
         }
-        for key in ("run_id", "task_id", "batch_size", "stages"):
-            if hasattr(record, key):
-                out[key] = getattr(record, key)
-        if record.exc_info:
-            out["exc"] = scrub(self.formatException(record.exc_info))
-        return json.dumps(out, default=str)
+        for key in FIELDS:
+            if key in record.__dict__:
+                out[key] = scrub_value(record.__dict__[key])
+        if "task_id" not in out:
+            task_id, task_name = _current_task()
+            if task_id is not None:
+                out["task_id"] = task_id
+                out.setdefault("task", task_name)
+        for key, env in (("queue", "STYLETAG_QUEUE"), ("gpu", "STYLETAG_GPU")):
+            if os.environ.get(env):
+                out[key] = os.environ[env]
+        if record.exc_info or record.exc_text:
+            text = record.exc_text or self.formatException(record.exc_info)
+            out["exc"] = scrub(text)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) -> None:
-    if json_lines is None:
-        json_lines = os.environ.get("STYLETAG_LOG_JSON", "") in ("1", "true", "yes")
+    """The CLI's logging: one stderr handler, scrubbed, plain or JSON lines."""
+    if json_lines:
+        os.environ[JSON_ENV] = "1"  # the Celery processes the launcher starts inherit it
+    elif json_lines is None:
+        json_lines = json_enabled()
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ScrubFilter())
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(PLAIN_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    if json_lines:
+        logging.captureWarnings(True)  # a warnings.warn() becomes a JSON line, not a bare stderr line
+
+
+def setup_early_logging() -> None:
+    """In a Celery process before Celery configures logging (``celeryd_init``): with JSON lines on,
+    route warnings (Celery's start-up SecurityWarning, deprecations) through a JSON handler, so that
+    stderr holds nothing but JSON. Celery replaces this handler with its own a moment later."""
+    if not json_enabled():
+        return
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(ScrubFilter())
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+    logging.captureWarnings(True)
+
+
+def setup_celery_logger(logger: logging.Logger | None = None) -> None:
+    """After Celery configured a logger (worker or beat): scrub its handlers, and switch them to JSON
+    lines when ``STYLETAG_LOG_JSON`` is set. Idempotent."""
+    loggers = [logger or logging.getLogger()]
+    try:
+        from billiard.util import get_logger as mp_logger
+
+        loggers.append(mp_logger())
+    except Exception:  # pragma: no cover - billiard always comes with Celery
+        pass
+    as_json = json_enabled()
+    for lg in loggers:
+        for handler in lg.handlers:
+            if not any(isinstance(f, ScrubFilter) for f in handler.filters):
+                handler.addFilter(ScrubFilter())
+            if as_json and not isinstance(handler.formatter, JsonFormatter):
+                handler.setFormatter(JsonFormatter())
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

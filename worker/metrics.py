@@ -1,20 +1,35 @@
-"""Prometheus metrics of a worker process (prometheus-client), and the queue-depth/run exporter.
+"""Prometheus metrics (prometheus-client): per worker process, and for the whole deployment.
 
-Each worker pool child serves its own endpoint on ``STYLETAG_METRICS_PORT`` (the launcher gives each
-process its own port). ``styletag metrics`` serves queue depth per queue and run counters for the
-whole deployment from Redis and the database.
+Worker processes: each Celery pool child serves its own endpoint on ``STYLETAG_METRICS_PORT`` (the
+launcher gives each process its own port: ``--metrics-port 9109`` → uploads 9109, bulk 9110) on
+``STYLETAG_METRICS_ADDR`` (default all interfaces, as a container needs):
+
+* ``styletag_products_tagged_total``, ``styletag_products_failed_total{reason}``
+* ``styletag_stage_seconds{stage=fetch|decode|model|write|wall}`` (histogram, per batch)
+* ``styletag_batch_size`` (histogram), ``styletag_images_per_second`` (last batch)
+* ``styletag_model_info{model_version, backbone, gpu, queue} 1`` (``gpu="none"`` on a CPU worker)
+
+``styletag metrics --port 9108`` (the deployment exporter) reads at scrape time:
+
+* ``styletag_queue_depth{queue}`` messages waiting per queue, ``styletag_unacked_messages``
+* ``styletag_run_products{run_id, kind, counter=total|done|failed}`` and
+  ``styletag_run_age_seconds{run_id, kind}`` of every unfinished run (a nightly run still going when
+  the next is due shows here)
+* ``styletag_broker_up`` / ``styletag_database_up`` (a scrape never fails because one is away)
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger("styletag.metrics")
 
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+QUEUES = ("uploads", "bulk")
 
 PRODUCTS_TAGGED = Counter("styletag_products_tagged", "Products tagged by this process")
 PRODUCTS_FAILED = Counter("styletag_products_failed", "Products recorded as failed, by reason", ["reason"])
@@ -28,6 +43,10 @@ MODEL_INFO = Gauge("styletag_model_info", "The model this process serves and the
 _started = False
 
 
+def _addr() -> str:
+    return os.environ.get("STYLETAG_METRICS_ADDR") or "0.0.0.0"  # noqa: S104 - a container's port
+
+
 def start_worker_metrics(model_version: str, backbone: str) -> int | None:
     """Serve this process's metrics when STYLETAG_METRICS_PORT is set; returns the port."""
     global _started
@@ -35,7 +54,7 @@ def start_worker_metrics(model_version: str, backbone: str) -> int | None:
                       os.environ.get("STYLETAG_QUEUE", "inline")).set(1)
     port = int(os.environ.get("STYLETAG_METRICS_PORT", "0") or 0)
     if port and not _started:
-        start_http_server(port, addr=os.environ.get("STYLETAG_METRICS_ADDR", "0.0.0.0"))  # noqa: S104
+        start_http_server(port, addr=_addr())
         _started = True
         log.info("metrics on port %d", port)
         return port
@@ -43,7 +62,7 @@ def start_worker_metrics(model_version: str, backbone: str) -> int | None:
 
 
 def observe_batch(report) -> None:
-    """Record one pipeline batch (a ``worker.pipeline.BatchReport``)."""
+    """Record one pipeline batch (a ``worker.pipeline.BatchReport``), after its write committed."""
     PRODUCTS_TAGGED.inc(report.tagged)
     for failure in report.failures:
         PRODUCTS_FAILED.labels(failure.reason).inc()
@@ -55,8 +74,30 @@ def observe_batch(report) -> None:
         IMAGES_PER_SECOND.set(report.size / wall)
 
 
+def queue_depths(broker_url: str, queues=QUEUES, timeout: float = 2.0) -> tuple[dict[str, int], int | None]:
+    """Messages waiting per queue (every priority level counted) and, on Redis, messages delivered but
+    not yet acknowledged. Through the Celery app's connection, so Sentinel URLs work too."""
+    from kombu.exceptions import ChannelError
+
+    from worker.app import app
+
+    depths: dict[str, int] = {}
+    with app.connection_for_read(broker_url, connect_timeout=timeout) as conn:
+        channel = conn.default_channel
+        for q in queues:
+            try:
+                depths[q] = int(channel.queue_declare(queue=q, passive=True).message_count)
+            except ChannelError:  # the queue's key does not exist: nothing waiting
+                depths[q] = 0
+        unacked = None
+        client, key = getattr(channel, "client", None), getattr(channel, "unacked_key", None)
+        if client is not None and key:
+            unacked = int(client.hlen(key))
+    return depths, unacked
+
+
 class DeploymentCollector:
-    """Queue depth per queue (Redis LLEN) and counters of unfinished runs, read at scrape time."""
+    """Queue depth per queue and counters of unfinished runs, read at scrape time."""
 
     def __init__(self, broker_url: str, database_url: str):
         self.broker_url = broker_url
@@ -66,38 +107,56 @@ class DeploymentCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         depth = GaugeMetricFamily("styletag_queue_depth", "Messages waiting per queue", labels=["queue"])
+        unacked = GaugeMetricFamily("styletag_unacked_messages", "Messages delivered to workers, not yet acked")
+        broker_up = GaugeMetricFamily("styletag_broker_up", "1 when the broker answered this scrape")
         try:
-            import redis
-
-            client = redis.Redis.from_url(self.broker_url, socket_timeout=2)
-            for q in ("uploads", "bulk"):
-                depth.add_metric([q], client.llen(q))
+            depths, n_unacked = queue_depths(self.broker_url)
+            for q, n in depths.items():
+                depth.add_metric([q], n)
+            if n_unacked is not None:
+                unacked.add_metric([], n_unacked)
+            broker_up.add_metric([], 1)
         except Exception as exc:  # a scrape must not fail because Redis is away
-            log.warning("queue depth unavailable: %s", str(exc).splitlines()[0][:120])
+            log.warning("queue depth unavailable: %s", str(exc).splitlines()[0][:120] if str(exc) else exc)
+            broker_up.add_metric([], 0)
         yield depth
-        runs = GaugeMetricFamily("styletag_run_products", "Counters of unfinished runs", labels=["run_id", "counter"])
+        yield unacked
+        yield broker_up
+
+        runs = GaugeMetricFamily("styletag_run_products", "Counters of unfinished runs",
+                                 labels=["run_id", "kind", "counter"])
+        ages = GaugeMetricFamily("styletag_run_age_seconds", "Seconds since an unfinished run started",
+                                 labels=["run_id", "kind"])
+        db_up = GaugeMetricFamily("styletag_database_up", "1 when the database answered this scrape")
         try:
+            from datetime import UTC, datetime
+
             from sqlalchemy import select
 
             from catalog.db import session_scope
             from catalog.schema import TaggingRun
 
+            now = datetime.now(UTC)
             with session_scope(self.database_url) as s:
                 for r in s.scalars(select(TaggingRun).where(TaggingRun.status.in_(("enqueuing", "running")))):
                     for name in ("total", "done", "failed"):
-                        runs.add_metric([str(r.id), name], getattr(r, name))
+                        runs.add_metric([str(r.id), r.kind, name], getattr(r, name))
+                    created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
+                    ages.add_metric([str(r.id), r.kind], max(0.0, (now - created).total_seconds()))
+            db_up.add_metric([], 1)
         except Exception as exc:
-            log.warning("run counters unavailable: %s", str(exc).splitlines()[0][:120])
+            log.warning("run counters unavailable: %s", str(exc).splitlines()[0][:120] if str(exc) else exc)
+            db_up.add_metric([], 0)
         yield runs
+        yield ages
+        yield db_up
 
 
 def serve_exporter(port: int, broker_url: str, database_url: str) -> None:
-    import time
-
     from prometheus_client import REGISTRY
 
     REGISTRY.register(DeploymentCollector(broker_url, database_url))
-    start_http_server(port)
-    log.info("exporter on port %d", port)
+    start_http_server(port, addr=_addr())
+    log.info("metrics exporter on %s:%d", _addr(), port)
     while True:
         time.sleep(3600)

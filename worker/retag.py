@@ -11,10 +11,12 @@ import sys
 import time
 from collections.abc import Callable
 
+from sqlalchemy import select, update
+
 from catalog.db import session_factory, session_scope
 from catalog.errors import NotFound, StyletagError
 from catalog.runs import create_run, get_run, iter_products_to_tag, run_as_dict
-from catalog.schema import TaggingRun
+from catalog.schema import Product, TaggingRun, TagState
 from catalog.settings import Settings
 from catalog.tags import finish_run_if_complete
 
@@ -48,14 +50,36 @@ def stream_run_ids(settings: Settings, run_id: int, *, resume: bool, page: int =
         yield ids
 
 
-def mark_running(settings: Settings, run_id: int) -> None:
+def mark_running(settings: Settings, run_id: int, *, retry_failed: bool = False) -> int:
+    """Let workers finish the run. With ``retry_failed`` (a resume), the run's failed products are
+    taken out of its ``failed`` counter and detached from it (``tag_state.run_id`` NULL; status and
+    reason kept until they are retried), in one transaction: each then counts again, once, when it is
+    retried, and the run is not done before they all have been. Returns how many were detached."""
     with session_scope(settings.database_url) as session:
+        detached = _detach_failed(session, run_id) if retry_failed else 0
         run = session.get(TaggingRun, run_id, with_for_update=True)
         if run is None:
             raise NotFound(f"no run {run_id}")
+        run.failed = run.failed - detached
         run.status = "running"
         run.finished_at = None
         finish_run_if_complete(session, run_id)
+        return detached
+
+
+def _detach_failed(session, run_id: int) -> int:
+    # Lock the products first, in id order, as catalog.tags.write_batch does (no deadlock with a
+    # worker writing one of them); a write waiting on them then sees them detached and counts once.
+    session.execute(
+        select(Product.id).join(TagState, TagState.product_id == Product.id)
+        .where(TagState.run_id == run_id, TagState.status == "failed")
+        .order_by(Product.id).with_for_update(of=Product)
+    ).all()
+    table = TagState.__table__
+    result = session.execute(
+        update(table).where(table.c.run_id == run_id, table.c.status == "failed").values(run_id=None)
+    )
+    return result.rowcount or 0
 
 
 def enqueue_run(
@@ -74,7 +98,7 @@ def enqueue_run(
     buffer: list[int] = []
     bar = _bar(progress, desc=f"enqueue run {run_id}", unit="products")
     if resume:
-        mark_running(settings, run_id)
+        mark_running(settings, run_id, retry_failed=True)
     for ids in stream_run_ids(settings, run_id, resume=resume):
         buffer.extend(ids)
         while len(buffer) >= chunk:
@@ -124,7 +148,7 @@ def run_inline(settings: Settings, run_id: int, *, resume: bool = False, progres
 
     def ids():
         if resume:
-            mark_running(settings, run_id)
+            mark_running(settings, run_id, retry_failed=True)
         for page in stream_run_ids(settings, run_id, resume=resume):
             if bar is not None:
                 bar.total = (bar.total or 0) + len(page)

@@ -8,6 +8,7 @@ retry with exponential backoff; a bad image is recorded as failed and never retr
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from celery import signals
@@ -32,6 +33,10 @@ log = logging.getLogger("styletag.tasks")
 TRANSIENT = (ServiceUnavailable, OperationalError, InterfaceError)
 UPLOAD_MAX_ATTEMPTS = 8
 
+# Test knob, never set in production: a bulk task delivered for the first time sleeps this long before
+# working, so that it outlives a (short) visibility timeout and its message is delivered again.
+_TEST_TASK_DELAY = float(os.environ["STYLETAG_TEST_TASK_DELAY"]) if os.environ.get("STYLETAG_TEST_TASK_DELAY") else 0.0
+
 
 class InvalidMessage(ValueError):
     pass
@@ -55,12 +60,21 @@ def validate_run_id(run_id) -> int | None:
 
 
 @signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
 def _scrub_worker_logs(logger=None, **_kwargs) -> None:
-    """Secrets never reach a worker's log, whatever a library puts in an exception message."""
-    from worker.logs import ScrubFilter
+    """Secrets never reach a worker's log, whatever a library puts in an exception message; JSON lines
+    when STYLETAG_LOG_JSON is set (worker/logs.py)."""
+    from worker.logs import setup_celery_logger
 
-    for handler in (logger or logging.getLogger()).handlers:
-        handler.addFilter(ScrubFilter())
+    setup_celery_logger(logger)
+
+
+@signals.celeryd_init.connect
+def _early_worker_logs(**_kwargs) -> None:
+    """With STYLETAG_LOG_JSON, warnings Celery gives before it sets up logging are JSON lines too."""
+    from worker.logs import setup_early_logging
+
+    setup_early_logging()
 
 
 @signals.worker_process_init.connect
@@ -99,13 +113,21 @@ def tag_products(self, run_id, product_ids) -> dict:
         raise Reject(str(exc), requeue=False) from None
     from worker.pipeline import Pipeline
 
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    if _TEST_TASK_DELAY and not redelivered:
+        time.sleep(_TEST_TASK_DELAY)
     t0 = time.perf_counter()
     report = Pipeline(get_context()).run(run_id, ids)
     elapsed = time.perf_counter() - t0
     log.info(
-        "tag_products run=%s task=%s batch_size=%d tagged=%d failed=%d seconds=%.3f stages=%s",
-        run_id, self.request.id, len(ids), report.tagged, report.failed, elapsed,
-        {k: round(v, 3) for k, v in report.seconds.items()},
+        "tag_products run=%s task=%s batch_size=%d tagged=%d failed=%d skipped_newer=%d redelivered=%s "
+        "retries=%d seconds=%.3f stages=%s",
+        run_id, self.request.id, len(ids), report.tagged, report.failed, report.skipped_newer, redelivered,
+        self.request.retries or 0, elapsed, {k: round(v, 3) for k, v in report.seconds.items()},
+        extra={"run_id": run_id, "task_id": self.request.id, "batch_size": len(ids), "tagged": report.tagged,
+               "failed": report.failed, "skipped_newer": report.skipped_newer, "redelivered": redelivered,
+               "retries": self.request.retries or 0, "seconds": round(elapsed, 3),
+               "stages": {k: round(v, 3) for k, v in report.seconds.items()}},
     )
     return {"tagged": report.tagged, "failed": report.failed}
 
@@ -151,7 +173,58 @@ def tag_uploads(requests) -> None:
                                         queue=UPLOADS_QUEUE)
         log.warning("uploads batch of %d will retry: %s", len(ids), str(exc).splitlines()[0][:200])
         return
+    elapsed = time.perf_counter() - t0
     log.info(
         "tag_uploads batch_size=%d tagged=%d failed=%d seconds=%.3f",
-        len(ids), report.tagged, report.failed, time.perf_counter() - t0,
+        len(ids), report.tagged, report.failed, elapsed,
+        extra={"batch_size": len(ids), "tagged": report.tagged, "failed": report.failed, "seconds": round(elapsed, 3),
+               "stages": {k: round(v, 3) for k, v in report.seconds.items()}},
     )
+
+
+# --- malformed messages -------------------------------------------------------------------------------
+# Celery builds a request from a message's body before any task code runs, and lets an exception there
+# (a body that is not [args, kwargs, embed]: a string, a number, a short list) stop the whole worker,
+# which then meets the same message again after a restart. Every task's strategy is wrapped so that such
+# a message is an invalid task instead: logged, rejected without requeue, the worker keeps serving.
+
+
+def _check_body(message) -> None:
+    from celery.exceptions import InvalidTaskError
+
+    payload = message.payload  # decodes; a disallowed content type (pickle) raises ContentDisallowed here
+    if not (isinstance(payload, list | tuple) and len(payload) == 3 and isinstance(payload[0], list | tuple)
+            and isinstance(payload[1], dict) and (payload[2] is None or isinstance(payload[2], dict))):
+        raise InvalidTaskError(f"malformed task body ({type(payload).__name__}); expected [args, kwargs, embed]")
+
+
+def guard_strategy(task) -> None:
+    """Wrap ``task``'s message handler (in the worker's consumer) with :func:`_check_body`."""
+    from celery.exceptions import InvalidTaskError
+    from kombu.exceptions import ContentDisallowed, DecodeError
+
+    start = task.start_strategy
+
+    def start_strategy(app, consumer, **kwargs):
+        handler = start(app, consumer, **kwargs)
+
+        def guarded(message, body, *args, **kw):
+            if body is None:  # protocol 2 (the only one we send): check before Celery unpacks it
+                _check_body(message)
+            try:
+                return handler(message, body, *args, **kw)
+            except (InvalidTaskError, ContentDisallowed, DecodeError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - anything else here would stop the worker
+                raise InvalidTaskError(f"malformed task message: {exc!r}"[:300]) from exc
+
+        return guarded
+
+    task.start_strategy = start_strategy
+
+
+@signals.worker_init.connect
+def _guard_messages(sender=None, **_kwargs) -> None:
+    app = getattr(sender, "app", None) or __import__("worker.app", fromlist=["app"]).app
+    for task in list(app.tasks.values()):
+        guard_strategy(task)

@@ -1,8 +1,7 @@
-import pytest
-
 """The multi-label path on real images: 2x2 mosaics of Fashion-MNIST items, styles-multilabel taxonomy."""
 
 import numpy as np
+import pytest
 
 from model.data import mosaic_dataset
 from model.evaluate import collect_logits, compute_metrics

@@ -16,14 +16,14 @@ def _set(fm_tax, n=64):
 @pytest.mark.usefixtures("fmnist")
 def test_tiny_run_overfits_64_images(fm_tax, tmp_path):
     data = _set(fm_tax)
-    cfg = TrainConfig(backbone="resnet-tiny", epochs=40, batch_size=32, lr=3e-3, weight_decay=0.0, augment=False,
-                      label_smoothing=0.0, out=str(tmp_path / "o.safetensors"), threads=2)
+    cfg = TrainConfig(backbone="resnet-tiny", epochs=25, batch_size=64, lr=1e-2, warmup=0.1, weight_decay=0.0,
+                      augment=False, label_smoothing=0.0, out=str(tmp_path / "o.safetensors"), threads=2)
     model, meta = train(cfg, fm_tax, data, data, progress=False, log=lambda s: None)
     assert meta["metrics"]["fine_top1"] == 1.0 and meta["metrics"]["coarse_top1"] == 1.0
     assert meta["train"]["history"][-1]["train_loss"] < meta["train"]["history"][0]["train_loss"] / 10
     assert (tmp_path / "o.curves.png").stat().st_size > 1000
     _, saved = load_checkpoint(tmp_path / "o.safetensors")
-    assert saved["metrics"] == meta["metrics"] and len(saved["train"]["history"]) == 40
+    assert saved["metrics"] == meta["metrics"] and len(saved["train"]["history"]) == 25
 
 
 @pytest.mark.usefixtures("fmnist")
@@ -82,6 +82,18 @@ def test_generic_dataset_path(fm_tax):
     assert meta["metrics"]["n"] == 20
     logits = collect_logits(model, Items(), mean=cfg.mean, std=cfg.std, input_size=28)
     assert compute_metrics(fm_tax, logits)["consistency"] == 1.0
+
+
+def test_callable_of_rgb_items(fm_tax):
+    """A callable yielding RGB items (as a catalog reader would) is read in and fitted to 1 channel."""
+
+    def items():
+        for i in range(12):
+            yield np.full((28, 28, 3), 20 * i, np.uint8), fm_tax.parents[i % 10][0], i % 10
+
+    cfg = TrainConfig(backbone="resnet-tiny", epochs=1, batch_size=4, threads=2)
+    _, meta = train(cfg, fm_tax, items, items, progress=False, log=lambda s: None)
+    assert meta["metrics"]["n"] == 12 and meta["channels"] == 1
 
 
 def test_augment_keeps_shape_and_content():

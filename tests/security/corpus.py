@@ -104,7 +104,7 @@ def corpus(max_bytes: int) -> list[Sample]:
     return [
         Sample("zero.jpg", b"", "empty"),
         Sample("truncated.jpg", jpeg[: len(jpeg) // 2], "truncated"),
-        Sample("bad_crc.png", png_bad_crc(), "bad_image"),
+        Sample("bad_crc.png", png_bad_crc(), "corrupt"),
         Sample("error_page.jpg", b"<!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>\n",
                "not_an_image"),
         Sample("postscript.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "not_an_image"),

@@ -1,0 +1,69 @@
+"""Fault 2: the broker is lost mid-run. A private ``redis-server`` that keeps nothing on disk is
+SIGKILLed while the worker is busy and restarted empty on the same port: every queued and unacknowledged
+message is gone. The worker reconnects by itself; ``styletag retag --resume RUN --wait`` re-enqueues
+what the database says is unfinished and the run ends exactly as a clean run does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.chaos.conftest import (
+    BATCH,
+    Progress,
+    assert_run_exact,
+    chaos_env,
+    queue_state,
+    retag,
+    task_lines,
+)
+from tests.worker.conftest import wait_until
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+N = 640
+CHUNK = BATCH
+
+
+def test_broker_killed_and_restarted_empty_then_resume_finishes_the_run(
+        clone_db, chaos_catalog, private_redis, start_worker, reference_tags, tmp_path):
+    url = clone_db(N)
+    env = chaos_env(url, private_redis.url, tmp_path, chaos_catalog.store_uri)
+    worker = start_worker(env)
+    worker.wait_ready(1)
+
+    run = retag(env, "--all", "--chunk", str(CHUNK))
+    run_id = run["id"]
+    assert run["total"] == N and run["status"] == "running"
+    progress = Progress(url, run_id)
+    try:
+        progress.wait_mid_chunk(4 * CHUNK, at_least=2 * CHUNK)
+        waiting, unacked = queue_state(private_redis.client())
+        assert waiting > 0 and unacked == 1
+        private_redis.kill()  # SIGKILL: nothing saved
+        time.sleep(2.0)
+        private_redis.start()  # same port, empty
+        assert queue_state(private_redis.client()) == (0, 0)
+        # The worker reconnects to the new server by itself.
+        wait_until(lambda: worker.text().count("Connected to redis://") >= 2, timeout=60, interval=0.2)
+        assert worker.proc.poll() is None
+
+        # What was in flight finishes; then nothing moves: the queued chunks are gone.
+        time.sleep(3.0)
+        stalled = progress.counts()
+        time.sleep(2.0)
+        assert progress.counts() == stalled
+        done, failed, total, status = stalled
+        assert status == "running" and done + failed < total
+
+        resumed = retag(env, "--resume", str(run_id), "--chunk", str(CHUNK), "--wait", "--timeout", "180")
+    finally:
+        progress.close()
+
+    assert resumed["id"] == run_id and resumed["status"] == "done"
+    assert_run_exact(url, run_id, N, reference_tags)
+    lines = task_lines(worker)
+    assert sum(int(ln["tagged"]) for ln in lines) == N  # each product written by exactly one task
+    assert queue_state(private_redis.client()) == (0, 0)

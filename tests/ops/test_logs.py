@@ -1,0 +1,193 @@
+"""Structured logs: JSON lines with run id, task id, batch size and stage timings; never a secret.
+
+The formatter and the scrubber are checked directly, then end to end: a real ``styletag --log-json
+worker`` (the flag alone, no environment variable) whose Celery process logs JSON lines on stderr,
+with a password in its database URL, a password-protected private Redis as broker and a known
+AWS_SECRET_ACCESS_KEY. A malformed message that carries all three secrets makes the worker log them
+(in its "refused message" line), so the scrubbing is exercised, not just hoped for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+
+from catalog.settings import Settings
+from tests.conftest import free_port, truncate_all
+from tests.ops.test_smoke import BIN, Proc, enqueue_run_on, run_counts, service_env, worker_ready
+from worker.logs import JsonFormatter, ScrubFilter, configure_logging, scrub
+
+N_GOOD = 40
+CHUNK = 16
+STAGES = ("fetch", "decode", "model", "write")
+
+
+def _record(msg: str, *args, exc: BaseException | None = None, **extra) -> logging.LogRecord:
+    record = logging.LogRecord("styletag.tasks", logging.INFO, __file__, 1, msg, args,
+                               (type(exc), exc, exc.__traceback__) if exc else None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_json_line_carries_the_fields_and_masks_secrets(monkeypatch):
+    secret = "aws-" + uuid.uuid4().hex
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("STYLETAG_QUEUE", "bulk")
+    monkeypatch.setenv("STYLETAG_GPU", "none")
+    try:
+        raise RuntimeError(f"connect failed: postgresql://app:hunter22@db/catalog key={secret}")
+    except RuntimeError as err:
+        exc = err
+    record = _record("tag_products run=%s url=%s", 7, "redis://:broker-pw@redis:6379/0", exc=exc, run_id=7,
+                     task_id="abc-123", batch_size=256, stages={"fetch": 0.5, "model": 1.25},
+                     seconds=2.0, tagged=255, failed=1)
+    line = JsonFormatter().format(record)
+    out = json.loads(line)
+    assert out["msg"] == "tag_products run=7 url=redis://:***@redis:6379/0"
+    assert (out["run_id"], out["task_id"], out["batch_size"], out["tagged"], out["failed"]) == (7, "abc-123", 256, 255, 1)
+    assert out["stages"] == {"fetch": 0.5, "model": 1.25} and out["seconds"] == 2.0
+    assert (out["level"], out["logger"], out["queue"], out["gpu"]) == ("INFO", "styletag.tasks", "bulk", "none")
+    assert "RuntimeError" in out["exc"] and "app:***@db" in out["exc"]
+    for leaked in (secret, "hunter22", "broker-pw"):
+        assert leaked not in line
+
+
+def test_scrub_masks_environment_secrets_and_url_passwords(monkeypatch):
+    monkeypatch.setenv("REDIS_PASSWORD", "r3dis-pass")
+    monkeypatch.setenv("FLOWER_BASIC_AUTH", "admin:fl0wer-pass")
+    monkeypatch.setenv("STYLETAG_DATABASE_URL", "postgresql+psycopg://app:p%40ss-word@db/catalog")
+    text = scrub("auth r3dis-pass then fl0wer-pass then p@ss-word and p%40ss-word; dsn password=xyz123 host=db")
+    assert text == "auth *** then *** then *** and ***; dsn password=*** host=db"
+    assert scrub("nothing secret here") == "nothing secret here"
+
+
+def test_plain_lines_are_scrubbed_too(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "plain-secret-value")
+    record = _record("key is %s", "plain-secret-value")
+    assert ScrubFilter().filter(record)
+    assert logging.Formatter("%(message)s").format(record) == "key is ***"
+
+
+def test_log_json_flag_reaches_child_processes(monkeypatch):
+    monkeypatch.setenv("STYLETAG_LOG_JSON", "0")  # restored after the test
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", json_lines=True)
+        assert os.environ["STYLETAG_LOG_JSON"] == "1"  # the launcher copies os.environ into each worker
+        assert isinstance(root.handlers[0].formatter, JsonFormatter)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A password-protected redis-server of our own on a free loopback port."""
+    password = "rpw-" + uuid.uuid4().hex
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.skip("redis-server could not be started")
+            time.sleep(0.05)
+    yield url, password
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.mark.slow
+def test_worker_logs_json_lines_with_task_fields_and_no_secret(pg_url, private_redis, tmp_path):
+    from catalog.db import session_scope
+    from catalog.importers import import_fashion_mnist
+    from catalog.runs import get_run
+    from catalog.schema import Product
+    from worker.app import app
+    from worker.retag import start_run
+    from worker.tasks import tag_products
+
+    broker_url, redis_password = private_redis
+    aws_secret = "aws-" + uuid.uuid4().hex
+    db_password = "pgpw-" + uuid.uuid4().hex
+    parts = urlsplit(pg_url)  # trust auth: the server never asks for the password, but it is in the URL
+    db_url = urlunsplit(parts._replace(netloc=f"{parts.username}:{db_password}@{parts.hostname}:{parts.port}"))
+
+    truncate_all(pg_url)
+    store = tmp_path / "images"
+    import_fashion_mnist(pg_url, store.as_uri(), "test", limit=N_GOOD, progress=False)
+    with session_scope(pg_url) as s:
+        s.add(Product(sku="bad-missing", title="x", image_uri=(store / "missing.png").as_uri(), image_version="v1"))
+    env = service_env(STYLETAG_DATABASE_URL=db_url, STYLETAG_BROKER_URL=broker_url, STYLETAG_HOME=str(tmp_path),
+                      STYLETAG_STORE_URL=store.as_uri(), STYLETAG_ALLOWED_IMAGE_PREFIXES=store.as_uri() + "/",
+                      STYLETAG_BATCH_SIZE=str(CHUNK), AWS_SECRET_ACCESS_KEY=aws_secret)
+    worker = Proc("worker", [str(BIN / "styletag"), "--log-json", "worker", "--gpus", "none", "--queues", "bulk"],
+                  env, tmp_path, split_stderr=True)
+    try:
+        settings = replace(Settings.from_env(), database_url=pg_url, broker_url=broker_url)
+        run_id = start_run(settings, scope="all")
+        sent = enqueue_run_on(broker_url, settings, run_id, CHUNK)
+        assert sent == N_GOOD + 1
+        worker.wait_for(worker_ready(1), 180, "a ready worker")
+        deadline = time.monotonic() + 120
+        while True:
+            with session_scope(pg_url) as s:
+                if get_run(s, run_id).status == "done":
+                    break
+            assert time.monotonic() < deadline, worker.text()[-3000:]
+            time.sleep(0.2)
+        # A malformed message whose run id holds every secret: the worker logs what it refuses.
+        poison = f"{aws_secret} {db_password} {db_url} {broker_url}"
+        with app.connection_for_write(broker_url) as conn:
+            tag_products.apply_async(args=(poison, [1]), connection=conn)
+        worker.wait_for(lambda t: "refused message" in t, 60, "the refused message line")
+    finally:
+        code = worker.stop(timeout=60)
+    assert code == 0, worker.text()[-3000:]
+
+    lines = [ln for ln in worker.err_text().splitlines() if ln.strip()]
+    records = []
+    for ln in lines:
+        try:
+            records.append(json.loads(ln))
+        except json.JSONDecodeError:
+            pytest.fail(f"not a JSON line on the worker's stderr: {ln[:300]!r}")
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+
+    tasks = [r for r in records if r["msg"].startswith("tag_products run=")]
+    assert len(tasks) == -(-sent // CHUNK), [r["msg"] for r in tasks]
+    assert sum(r["batch_size"] for r in tasks) == sent
+    assert sum(r["failed"] for r in tasks) == 1 and sum(r["tagged"] for r in tasks) == N_GOOD
+    assert run_counts(pg_url, run_id) == {("tagged", None): N_GOOD, ("failed", "missing"): 1}
+    for r in tasks:
+        assert r["run_id"] == run_id and isinstance(r["task_id"], str) and len(r["task_id"]) >= 32
+        assert set(STAGES) <= set(r["stages"]) and all(r["stages"][k] >= 0 for k in STAGES)
+        assert r["seconds"] > 0 and (r["queue"], r["gpu"]) == ("bulk", "none")
+    assert len({r["task_id"] for r in tasks}) == len(tasks)
+    assert any(r["logger"] == "styletag.worker" and "model loaded" in r["msg"] for r in records)
+
+    refused = [r for r in records if "refused message" in r["msg"]]
+    assert refused and "***" in refused[0]["msg"]
+    everything = worker.text()
+    for name, secret in (("AWS secret", aws_secret), ("database password", db_password),
+                         ("Redis password", redis_password)):
+        assert secret not in everything, f"the {name} leaked into the worker's output"
