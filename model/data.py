@@ -60,9 +60,9 @@ def fmnist_dataset(split: str, taxonomy: Taxonomy, source=None, limit: int | Non
         eye_f = np.eye(len(taxonomy.fine.labels), dtype=np.float32)
         fine_t = eye_f[fine]
         coarse_t = (fine_t @ np.array(taxonomy.parent_matrix(), dtype=np.float32)).clip(0, 1)
-        return ArraySet(images[..., None], coarse_t, fine_t)
+        return ArraySet(images[..., None].copy(), coarse_t, fine_t)
     parent = np.array([p[0] for p in taxonomy.parents], dtype=np.int64)
-    return ArraySet(images[..., None], parent[fine], fine)
+    return ArraySet(images[..., None].copy(), parent[fine], fine)
 
 
 def _to_tensor(targets) -> torch.Tensor:

@@ -94,7 +94,11 @@ class Predictor:
             if not batch:
                 return torch.empty((0, self.input_size, self.input_size, self.channels), dtype=torch.uint8)
             batch = np.stack([np.asarray(im) for im in batch])
-        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+        if isinstance(batch, torch.Tensor):
+            x = batch
+        else:
+            arr = np.ascontiguousarray(batch)
+            x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
         if x.dtype != torch.uint8:
             raise ValueError(f"predict wants uint8 images, got {x.dtype}")
         if x.ndim == 3:

@@ -58,29 +58,30 @@ def _secrets() -> list[str]:
     return sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
 
 
-def scrub(text: str) -> str:
+def scrub(text: str, secrets: list[str] | None = None) -> str:
     """``text`` with URL passwords, ``password=...`` values and secret environment values masked."""
     if not text:
         return text
     text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
     text = _KV_PASSWORD.sub(lambda m: f"{m['key']}***", text)
-    for secret in _secrets():
+    for secret in _secrets() if secrets is None else secrets:
         if secret in text:
             text = text.replace(secret, "***")
     return text
 
 
-def scrub_value(value):
+def scrub_value(value, secrets: list[str] | None = None):
     """Scrub strings inside a JSON-ready value (dicts, lists, numbers pass through)."""
+    secrets = _secrets() if secrets is None else secrets
     if isinstance(value, str):
-        return scrub(value)
+        return scrub(value, secrets)
     if isinstance(value, dict):
-        return {scrub(str(k)): scrub_value(v) for k, v in value.items()}
+        return {scrub(str(k), secrets): scrub_value(v, secrets) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [scrub_value(v) for v in value]
+        return [scrub_value(v, secrets) for v in value]
     if value is None or isinstance(value, bool | int | float):
         return value
-    return scrub(str(value))
+    return scrub(str(value), secrets)
 
 
 class ScrubFilter(logging.Filter):
@@ -118,16 +119,17 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per record; every string in it scrubbed."""
 
     def format(self, record: logging.LogRecord) -> str:
+        secrets = _secrets()
         out = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "msg": scrub(record.getMessage()),
+            "msg": scrub(record.getMessage(), secrets),
             "pid": record.process,
         }
         for key in FIELDS:
             if key in record.__dict__:
-                out[key] = scrub_value(record.__dict__[key])
+                out[key] = scrub_value(record.__dict__[key], secrets)
         if "task_id" not in out:
             task_id, task_name = _current_task()
             if task_id is not None:
@@ -138,7 +140,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = os.environ[env]
         if record.exc_info or record.exc_text:
             text = record.exc_text or self.formatException(record.exc_info)
-            out["exc"] = scrub(text)
+            out["exc"] = scrub(text, secrets)
         return json.dumps(out, default=str, ensure_ascii=False)
 
 

@@ -176,7 +176,7 @@ def start_nightly(settings: Settings, *, redis_client=None, chunk: int = 1024) -
             run_id = claim["created"]
             sent = enqueue_run(settings, run_id, chunk=chunk, send=_sender(conn, lock))
             log.info("nightly retag run %d enqueued %d products", run_id, sent,
-                     extra={"run_id": run_id, "batch_size": sent})
+                     extra={"run_id": run_id})
             out = {"started": True, "run_id": run_id, "enqueued": sent}
             if claim["cancelled"]:
                 out["cancelled"] = claim["cancelled"]["id"]

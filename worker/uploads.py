@@ -47,7 +47,7 @@ def enqueue_upload_ids(ids: Sequence[int], settings: Settings | None = None) -> 
 
     settings = settings or Settings.from_env()
     try:
-        with app.producer_or_acquire() as producer:
+        with app.connection_for_write(settings.broker_url) as conn, app.producer_or_acquire(conn.Producer()) as producer:
             for pid in ids:
                 tag_uploads.apply_async(args=(int(pid),), queue=UPLOADS_QUEUE, producer=producer,
                                         retry=True, retry_policy={"max_retries": 3})

@@ -525,3 +525,11 @@ class FaultyEndpoint:
             pass
         finally:
             self._close(conn)
+
+
+@pytest.fixture
+def faulty_s3(s3_server):
+    """A :class:`FaultyEndpoint` in front of the session's moto server, closed after the test."""
+    proxy = FaultyEndpoint(s3_server.endpoint)
+    yield proxy
+    proxy.close()

@@ -67,3 +67,5 @@ def test_broker_killed_and_restarted_empty_then_resume_finishes_the_run(
     lines = task_lines(worker)
     assert sum(int(ln["tagged"]) for ln in lines) == N  # each product written by exactly one task
     assert queue_state(private_redis.client()) == (0, 0)
+    print(f"\nbroker lost: killed with {waiting} chunks queued and {unacked} unacked; run stalled at "
+          f"done={done}/{N}; resume re-enqueued {N - done} products; {len(lines)} tasks in all")

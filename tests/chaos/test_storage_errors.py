@@ -22,7 +22,6 @@ from catalog.db import engine_for
 from catalog.storage import S3Store, open_store
 from tests.chaos.conftest import (
     BATCH,
-    FaultyEndpoint,
     Progress,
     assert_consistent,
     assert_run_exact,
@@ -33,7 +32,7 @@ from tests.chaos.conftest import (
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
-N = 384
+N = 256
 CHUNK = BATCH
 PHASE_S = 3.0
 
@@ -58,7 +57,7 @@ def _move_catalog_to_s3(url: str, file_store_uri: str, bucket: str) -> dict[int,
 
 
 def test_s3_errors_then_down_then_back_run_completes_and_resume_fixes_failures(
-        clone_db, chaos_catalog, chaos_broker, s3_server, start_worker, reference_tags, tmp_path):
+        clone_db, chaos_catalog, chaos_broker, s3_server, faulty_s3, start_worker, reference_tags, tmp_path):
     url = clone_db(N)
     bucket = s3_server.make_bucket()
     objects = _move_catalog_to_s3(url, chaos_catalog.store_uri, bucket)
@@ -66,33 +65,30 @@ def test_s3_errors_then_down_then_back_run_completes_and_resume_fixes_failures(
     missing_key = objects[missing_id][0]
     s3_server.client().delete_object(Bucket=bucket, Key=f"fmnist/{missing_key}")
 
-    proxy = FaultyEndpoint(s3_server.endpoint)
+    proxy = faulty_s3
     env = chaos_env(url, chaos_broker, tmp_path, f"s3://{bucket}/fmnist",
                     AWS_ENDPOINT_URL=proxy.url,
                     STYLETAG_S3_MAX_ATTEMPTS="1")  # no botocore retries: the task's own retry is what we test
+    worker = start_worker(env)
+    worker.wait_ready(1)
+    run = retag(env, "--all", "--chunk", str(CHUNK))
+    run_id = run["id"]
+    progress = Progress(url, run_id)
     try:
-        worker = start_worker(env)
-        worker.wait_ready(1)
-        run = retag(env, "--all", "--chunk", str(CHUNK))
-        run_id = run["id"]
-        progress = Progress(url, run_id)
-        try:
-            progress.wait_mid_chunk(N, at_least=2 * CHUNK)  # a few chunks done, most to go
-            checks = []
-            for mode in ("error", "down"):
-                proxy.set_mode(mode)
-                end = time.monotonic() + PHASE_S
-                while time.monotonic() < end:
-                    checks.append(consistency(progress.conn, run_id))
-                    time.sleep(0.1)
-            during = progress.counts()
-            proxy.set_mode("forward")
-            done, failed, total, status = progress.wait_status("done", timeout=240)
-        finally:
-            progress.close()
-        assert worker.proc.poll() is None
+        progress.wait_mid_chunk(N, at_least=2 * CHUNK)  # a few chunks done, most to go
+        checks = []
+        for mode in ("error", "down"):
+            proxy.set_mode(mode)
+            end = time.monotonic() + PHASE_S
+            while time.monotonic() < end:
+                checks.append(consistency(progress.conn, run_id))
+                time.sleep(0.1)
+        during = progress.counts()
+        proxy.set_mode("forward")
+        done, failed, total, status = progress.wait_status("done", timeout=240)
     finally:
-        proxy.close()
+        progress.close()
+    assert worker.proc.poll() is None
 
     for c in checks:
         assert_consistent(c)

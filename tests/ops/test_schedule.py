@@ -152,10 +152,11 @@ def test_two_concurrent_nightly_starts_create_one_run(nightly):
         finish_all(settings.database_url)  # the run completes; the next night may start one
 
 
-def test_database_guard_alone_never_creates_two_runs(nightly):
+def test_database_guard_alone_never_creates_two_runs(db_url):
     """Without the Redis lock (lost in a broker fail-over, say) the check and the creation still happen
-    in one serialised transaction: of four simultaneous claims exactly one creates a run."""
-    settings, _ = nightly
+    in one serialised transaction (PostgreSQL: advisory lock; SQLite: BEGIN IMMEDIATE): of four
+    simultaneous claims exactly one creates a run."""
+    settings = replace(Settings.from_env(), database_url=db_url)
     for round_ in range(4):
         results = _race(4, lambda: claim_nightly(settings, "v-test"))
         created = [r["created"] for r in results if "created" in r]

@@ -353,7 +353,8 @@ def _descendants(pid: int) -> list[int]:
     return sorted(out)
 
 
-def vm_hwm_kib(pid: int) -> int:
+def vm_hwm_kib(pid: int | str) -> int:
+    """Peak resident set size of a process (``"self"``: this one), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])

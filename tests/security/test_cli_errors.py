@@ -44,8 +44,7 @@ def test_unreachable_redis(sec, hostile_catalog):
     env = {**sec.env, "STYLETAG_BROKER_URL": f"redis://:{BROKER_PASSWORD}@127.0.0.1:{port}/0"}
     line = assert_one_error_line(styletag(env, "retag", "--all"), "cannot reach the broker",
                                  f"redis://:***@127.0.0.1:{port}/0", "Connection refused")
-    assert BROKER_PASSWORD not in line
-    assert_one_error_line(styletag(env, "enqueue", "img/one_pixel.png"), "cannot reach the broker")
+    assert BROKER_PASSWORD not in line  # (styletag enqueue: test_secrets.py)
 
 
 def test_missing_checkpoint(sec):

@@ -56,11 +56,6 @@ def _snapshot(url: str) -> dict:
         }
 
 
-def _wait_log(worker, needle: str, timeout: float = 60) -> str:
-    wait_until(lambda: needle in worker.text(), timeout=timeout, interval=0.1)
-    return worker.text()
-
-
 def _new_product(url: str, sec, sku: str) -> int:
     (sec.store / "img" / f"{sku}.png").write_bytes(_png(hash(sku) % 1000))
     with session_scope(url) as s:

@@ -66,21 +66,24 @@ def test_pixel_limit_is_our_own_and_declared():
     assert arr.shape == (28, 28, 1)
 
 
+# VmHWM (this process's peak RSS), not ru_maxrss: Linux carries ru_maxrss over exec from the parent,
+# and the parent here is a pytest process with torch loaded.
 BOMB_PROBE = """
-import resource, sys, json
+import json
+from tests.security.conftest import vm_hwm_kib
 from tests.security.corpus import corpus, png_bomb
 from worker.decode import DecodeError, decode_image
 samples = {s.name: s.data for s in corpus(200_000)}
 decode_image(samples["one_pixel.png"], 28, 1, 40_000_000)
 decode_image(samples["photo.webp"], 28, 3, 40_000_000)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = vm_hwm_kib("self")
 reasons = []
 for data in (samples["bomb.png"], samples["bomb.gif"], png_bomb(7000)) * 3:
     try:
         decode_image(data, 28, 1, 40_000_000)
     except DecodeError as exc:
         reasons.append(exc.reason)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = vm_hwm_kib("self")
 print(json.dumps({"before_kib": before, "after_kib": after, "reasons": reasons}))
 """
 BOMB_DECODE_BOUND_KIB = 16 * 1024  # growth of the peak RSS allowed for refusing the bombs

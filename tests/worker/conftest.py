@@ -63,15 +63,29 @@ def worker_env(pg_url, broker_url, store_dir, tmp_path_factory) -> dict[str, str
     return env
 
 
+def _reset_pool(app) -> None:
+    """Drop the app's producer pool so the next send connects to the broker now configured."""
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+
+
 @pytest.fixture(scope="module")
 def apply_env(worker_env):
     """Put worker_env into this process's environment for the module (the inline pipeline reads it)."""
     old = {k: os.environ.get(k) for k in worker_env}
     os.environ.update(worker_env)
+    from worker.app import app
     from worker.context import reset_context
 
+    # worker.app may have been imported (by another test module) before this environment was set.
+    old_broker = app.conf.broker_url
+    app.conf.broker_url = worker_env["STYLETAG_BROKER_URL"]
+    _reset_pool(app)
     reset_context()
     yield worker_env
+    app.conf.broker_url = old_broker
+    _reset_pool(app)
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
