@@ -33,9 +33,17 @@ log = logging.getLogger("styletag.tasks")
 TRANSIENT = (ServiceUnavailable, OperationalError, InterfaceError)
 UPLOAD_MAX_ATTEMPTS = 8
 
-# Test knob, never set in production: a bulk task delivered for the first time sleeps this long before
-# working, so that it outlives a (short) visibility timeout and its message is delivered again.
+# Test knobs, never set in production: a bulk task delivered for the first time waits this many seconds
+# before working (or, with the gate, until the gate file exists, at most that long), so that it outlives
+# a short visibility timeout and its message is delivered again while it waits.
 _TEST_TASK_DELAY = float(os.environ["STYLETAG_TEST_TASK_DELAY"]) if os.environ.get("STYLETAG_TEST_TASK_DELAY") else 0.0
+_TEST_TASK_GATE = os.environ.get("STYLETAG_TEST_TASK_GATE") or None
+
+
+def _test_delay() -> None:
+    deadline = time.monotonic() + _TEST_TASK_DELAY
+    while time.monotonic() < deadline and not (_TEST_TASK_GATE and os.path.exists(_TEST_TASK_GATE)):
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 class InvalidMessage(ValueError):
@@ -115,7 +123,7 @@ def tag_products(self, run_id, product_ids) -> dict:
 
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     if _TEST_TASK_DELAY and not redelivered:
-        time.sleep(_TEST_TASK_DELAY)
+        _test_delay()
     t0 = time.perf_counter()
     report = Pipeline(get_context()).run(run_id, ids)
     elapsed = time.perf_counter() - t0

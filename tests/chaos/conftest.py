@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -321,6 +322,32 @@ def chaos_env(db_url: str, broker_url: str, home: Path, store_uri: str, **extra:
     return env
 
 
+try:  # resolved here, in the parent: the child between fork and exec must not import anything
+    _prctl = __import__("ctypes").CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _term_when_parent_dies() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Should pytest itself be killed (no teardown), the launcher gets SIGTERM and stops its workers."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ChaosWorker(WorkerProcess):
+    """``styletag worker --gpus none --queues bulk`` in its own process group (as WorkerProcess), that
+    also stops when the test process dies."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "--gpus", "none", "--queues", "bulk", "--threads", "1"],
+            env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_term_when_parent_dies,
+        )
+
+
 @pytest.fixture
 def start_worker(tmp_path):
     """Factory: ``start_worker(env)`` starts ``styletag worker --gpus none --queues bulk`` (not waiting);
@@ -328,7 +355,7 @@ def start_worker(tmp_path):
     started: list[WorkerProcess] = []
 
     def start(env: dict[str, str]) -> WorkerProcess:
-        w = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log", queues="bulk")
+        w = ChaosWorker(env, tmp_path / f"worker-{len(started)}.log")
         started.append(w)
         return w
 

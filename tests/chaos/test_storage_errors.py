@@ -56,6 +56,11 @@ def _move_catalog_to_s3(url: str, file_store_uri: str, bucket: str) -> dict[int,
     return objects
 
 
+def _retries(worker) -> list[str]:
+    """Countdowns of the task retries caused by storage errors, from the worker's log."""
+    return re.findall(r"retry: Retry in (\d+)s: TransientStorageError", worker.text())
+
+
 def test_s3_errors_then_down_then_back_run_completes_and_resume_fixes_failures(
         clone_db, chaos_catalog, chaos_broker, s3_server, faulty_s3, start_worker, reference_tags, tmp_path):
     url = clone_db(N)
@@ -78,9 +83,13 @@ def test_s3_errors_then_down_then_back_run_completes_and_resume_fixes_failures(
         progress.wait_mid_chunk(N, at_least=2 * CHUNK)  # a few chunks done, most to go
         checks = []
         for mode in ("error", "down"):
+            # Each fault lasts PHASE_S, and until the task has retried at least once because of it
+            # (on a slow machine a whole batch must fall inside the fault for the task to retry).
+            before = len(_retries(worker))
             proxy.set_mode(mode)
-            end = time.monotonic() + PHASE_S
-            while time.monotonic() < end:
+            end, give_up = time.monotonic() + PHASE_S, time.monotonic() + 180
+            while time.monotonic() < end or len(_retries(worker)) == before:
+                assert time.monotonic() < give_up, f"no task retry while S3 was {mode}"
                 checks.append(consistency(progress.conn, run_id))
                 time.sleep(0.1)
         during = progress.counts()
@@ -95,8 +104,8 @@ def test_s3_errors_then_down_then_back_run_completes_and_resume_fixes_failures(
     assert proxy.served["error"] >= 1  # the worker did meet the 503s
     assert during[0] + during[1] < N  # and the outage hit the run while it was going
     # Transient errors were retried by the task, with backoff, and the run completed.
-    retries = re.findall(r"retry: Retry in (\d+)s: TransientStorageError", worker.text())
-    assert retries, worker.text()[-3000:]
+    retries = _retries(worker)
+    assert len(retries) >= 2, worker.text()[-3000:]
     assert total == N and done + failed == N and failed >= 1
     with engine_for(url).connect() as conn:
         failures = conn.execute(text(
