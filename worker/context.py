@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from catalog.settings import Settings
@@ -24,6 +24,9 @@ _context: WorkerContext | None = None
 class WorkerContext:
     settings: Settings
     device: str | None = None
+    # CPU inference: how many threads run the model at once, each on its own slice of the batch with
+    # one intra-op thread (see Pipeline.predict). 1 on a GPU.
+    model_threads: int = field(default=1, init=False)
 
     @cached_property
     def predictor(self):
@@ -32,13 +35,20 @@ class WorkerContext:
         from model.predictor import Predictor
 
         threads = int(os.environ.get("STYLETAG_TORCH_THREADS", "0") or 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
         path = self.settings.model_path or str(default_checkpoint())
         predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.settings.batch_size)
+        if predictor.device.type == "cpu":
+            # Split each batch over N threads with one intra-op thread each, instead of one call with N
+            # intra-op threads: torch's per-operator barriers stall whenever the OS preempts one of its
+            # threads (decode threads, the database, a neighbour), which on a shared or small machine
+            # cost 2x at batch 256 and 10x on small upload batches (docs/performance.md).
+            self.model_threads = threads or torch.get_num_threads()
+            torch.set_num_threads(1)
+        elif threads > 0:
+            torch.set_num_threads(threads)
         log.info(
-            "model loaded: version=%s backbone=%s device=%s input=%dpx",
-            predictor.model_version, predictor.backbone, predictor.device, predictor.input_size,
+            "model loaded: version=%s backbone=%s device=%s input=%dpx model_threads=%d",
+            predictor.model_version, predictor.backbone, predictor.device, predictor.input_size, self.model_threads,
         )
         return predictor
 

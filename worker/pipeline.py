@@ -4,11 +4,18 @@ One code path serves Celery tasks and the inline mode. Stages overlap: while the
 batch k+1 is fetched and decoded by a thread pool, and batch k-1 is written by a writer thread.
 A product whose image is missing, corrupt or refused is recorded as failed with its reason; the rest
 of its batch is tagged.
+
+CPU-bound work is kept to one runnable thread per core, so that the stages share the cores instead of
+fighting over them (measured in docs/performance.md): at most ``os.cpu_count()`` of the fetch threads
+decode at a time (the others wait in I/O, which S3 needs many of), and on a CPU device the model runs
+as ``ctx.model_threads`` threads over slices of the batch, each with one intra-op thread.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -132,6 +139,10 @@ class Pipeline:
         self.labels = ctx.labels
         self.reader = ctx.reader
         self.lookahead = lookahead
+        self.model_threads = max(1, int(getattr(ctx, "model_threads", 1) or 1))
+        # Fetch threads wait on I/O; decoding is CPU work: no more decoders at once than cores.
+        self._decoders = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        self._model_pool: ThreadPoolExecutor | None = None
 
     # -- stages ---------------------------------------------------------------------------------
     def _fetch_decode(self, item: Item) -> tuple[np.ndarray | None, BaseException | None, float, float]:
@@ -144,11 +155,13 @@ class Pipeline:
             return None, exc, time.perf_counter() - t0, 0.0
         t1 = time.perf_counter()
         p = self.predictor
-        try:
-            arr = decode_image(data, p.input_size, p.channels, self.settings.max_image_pixels)
-        except BadImage as exc:
-            return None, exc, t1 - t0, time.perf_counter() - t1
-        return arr, None, t1 - t0, time.perf_counter() - t1
+        with self._decoders:  # the wait for a free core counts as neither stage
+            t2 = time.perf_counter()
+            try:
+                arr = decode_image(data, p.input_size, p.channels, self.settings.max_image_pixels)
+            except BadImage as exc:
+                return None, exc, t1 - t0, time.perf_counter() - t2
+            return arr, None, t1 - t0, time.perf_counter() - t2
 
     def prepare(self, ids: list[int], pool: ThreadPoolExecutor) -> Prepared:
         t0 = time.perf_counter()
@@ -171,11 +184,34 @@ class Pipeline:
             raise TransientStorageError(f"all {transient} images of the batch unreachable: {failures[0].error}")
         return Prepared(ok_items, arrays, failures, transient, fetch_s, decode_s, time.perf_counter() - t0)
 
+    MIN_SLICE = 16  # images per model thread below which splitting a batch costs more than it gains
+
+    def predict(self, batch: np.ndarray) -> list:
+        """``predictor.predict`` over the batch; on a CPU device split into up to ``model_threads``
+        slices that run concurrently (torch releases the GIL inside each operator). Per-image results do
+        not depend on the split: the model is in eval mode."""
+        k = min(self.model_threads, len(batch) // self.MIN_SLICE)
+        if k <= 1:
+            return self.predictor.predict(batch)
+        if self._model_pool is None:
+            self._model_pool = ThreadPoolExecutor(self.model_threads - 1, thread_name_prefix="styletag-model")
+        parts = np.array_split(batch, k)
+        futures = [self._model_pool.submit(self.predictor.predict, part) for part in parts[1:]]
+        preds = self.predictor.predict(parts[0])
+        for f in futures:
+            preds.extend(f.result())
+        return preds
+
+    def close(self) -> None:
+        if self._model_pool is not None:
+            self._model_pool.shutdown(wait=True)
+            self._model_pool = None
+
     def infer(self, prepared: Prepared) -> tuple[list[ProductTags], float]:
         if not prepared.arrays:
             return [], 0.0
         t0 = time.perf_counter()
-        preds = self.predictor.predict(np.stack(prepared.arrays))
+        preds = self.predict(np.stack(prepared.arrays))
         coarse_ids, fine_ids = self.labels.coarse_ids, self.labels.fine_ids
         tagged = []
         for item, pred in zip(prepared.items, preds, strict=True):
@@ -267,4 +303,6 @@ class Pipeline:
                         except BaseException:  # noqa: S110 - the first error is the one we raise
                             pass
                 raise
+            finally:
+                self.close()
         return report
