@@ -36,10 +36,7 @@ def main(argv=None) -> int:
         env = C.styletag_env(db, store, model)
         C.apply_env(env)
         settings = C.settings_for(db, store, model)
-        from worker.context import get_context
-
-        predictor = get_context(settings).predictor
-        rates = measure_bound_stages(kind, db, store, model, n, predictor=predictor)
+        rates = measure_bound_stages(kind, db, store, model, n)
         bound = C.rate_bound(rates)
         res.figures[f"{kind}_stage_rates"] = {k: round(v, 1) for k, v in rates.items()}
         res.figures[f"{kind}_bound"] = bound

@@ -61,17 +61,44 @@ def decode_rate(blobs: list[bytes], size: int, channels: int, *, draft: bool = T
         return len(blobs) / _best(go, repeats)
 
 
-def model_rate(predictor, batch: int, images: int, repeats: int = 2) -> float:
+def model_rate(predictor, batch: int, images: int, repeats: int = 2, predict=None) -> float:
+    """Images/s of ``predict`` (default ``predictor.predict``) on random uint8 batches."""
+    predict = predict or predictor.predict
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (batch, predictor.input_size, predictor.input_size, predictor.channels), np.uint8)
-    predictor.predict(x)  # warm-up (allocator, oneDNN primitives)
+    predict(x)  # warm-up (allocator, oneDNN primitives)
     calls = max(1, images // batch)
 
     def go():
         for _ in range(calls):
-            predictor.predict(x)
+            predict(x)
 
     return calls * batch / _best(go, repeats)
+
+
+def model_rates(ctx, batch: int, images: int) -> dict[str, float]:
+    """The model stage two ways: as the pipeline runs it (``Pipeline.predict``: on a CPU, the batch
+    split over ``ctx.model_threads`` threads of one intra-op thread each) and as a plain
+    ``Predictor.predict`` with torch's default intra-op threads. The bound takes the faster."""
+    import torch
+
+    from worker.pipeline import Pipeline
+
+    pipeline = Pipeline(ctx)
+    try:
+        ours = model_rate(ctx.predictor, batch, images, predict=pipeline.predict)
+    finally:
+        pipeline.close()
+    out = {"pipeline": ours}
+    if ctx.predictor.device.type == "cpu" and ctx.model_threads > 1:
+        before = torch.get_num_threads()
+        torch.set_num_threads(ctx.model_threads)
+        try:
+            out["intra_op"] = model_rate(ctx.predictor, batch, images)
+        finally:
+            torch.set_num_threads(before)
+    out["best"] = max(out.values())
+    return out
 
 
 def synthetic_tags(ids: list[int], labels, tags_per_product: int = 4, seed: int = 0):
@@ -139,7 +166,7 @@ def write_rate(url: str, n: int, batch: int = 256, tags_per_product: int = 4, pa
     return out
 
 
-def measure_bound_stages(kind: str, db_url: str, store_url: str, model: str, n: int, predictor=None,
+def measure_bound_stages(kind: str, db_url: str, store_url: str, model: str, n: int,
                          threads: int | None = None, model_images: int | None = None) -> dict[str, float]:
     """The four stage rates that bound the end-to-end run of ``kind`` (used by bench.e2e too)."""
     from catalog.settings import Settings
@@ -150,12 +177,15 @@ def measure_bound_stages(kind: str, db_url: str, store_url: str, model: str, n: 
     threads = threads or settings.fetch_threads
     reader = ImageReader(settings.allowed_image_prefixes, Settings().max_image_bytes)
     uris = C.image_uris(db_url, n)
-    predictor = predictor or get_context(settings).predictor
+    ctx = get_context(settings)
+    predictor = ctx.predictor
     blobs = [reader.get(u) for u in uris]
+    images = model_images or max(settings.batch_size * 3, n // 2)
     rates = {
         "fetch": fetch_rate(reader, uris, threads),
-        "decode": decode_rate(blobs, predictor.input_size, predictor.channels, threads=threads),
-        "model": model_rate(predictor, settings.batch_size, model_images or max(settings.batch_size * 3, n // 2)),
+        "decode": max(decode_rate(blobs, predictor.input_size, predictor.channels, threads=threads),
+                      decode_rate(blobs, predictor.input_size, predictor.channels, threads=1)),
+        "model": model_rates(ctx, settings.batch_size, images)["best"],
         "write": write_rate(C.pg_database("styletag_bench_writes"), max(n, 1024), settings.batch_size)["retag"],
     }
     return rates
@@ -172,11 +202,11 @@ def main(argv=None) -> int:
     n_write = 600 if q else 10_000
     from catalog.settings import Settings
     from catalog.storage import ImageReader, S3Store
-    from model.predictor import Predictor
-
     settings = Settings.from_env()
     threads = settings.fetch_threads
     res.parameters = {"model": C.model_info(model), "fetch_threads": threads, "batch_size": settings.batch_size,
+                      "model_stage": "model_bsN: as the pipeline runs it (CPU: batch split over model_threads, "
+                                     "1 intra-op thread each); _plain_intraopN: one call, N intra-op threads",
                       "images_file": n_file, "images_s3": n_s3, "write_products": n_write,
                       "tags_per_product": 4, "timing": "best of 2 passes"}
     figs = res.figures
@@ -190,7 +220,11 @@ def main(argv=None) -> int:
         kinds[kind] = (reader, uris)
         figs[f"fetch_file_{kind}"] = fetch_rate(reader, uris, threads)
         C.log(f"fetch file:// {kind}: {figs[f'fetch_file_{kind}']:.0f}/s")
-    predictor = Predictor.from_checkpoint(model, device="cpu", batch_size=settings.batch_size)
+    C.apply_env(C.styletag_env(*C.ensure_catalog("png28", n_file), model))
+    from worker.context import get_context
+
+    ctx = get_context(C.settings_for(*C.ensure_catalog("png28", n_file), model))
+    predictor = ctx.predictor
     size, ch = predictor.input_size, predictor.channels
     png_blobs = [kinds["png28"][0].get(u) for u in kinds["png28"][1]]
     jpg_blobs = [kinds["jpeg512"][0].get(u) for u in kinds["jpeg512"][1]]
@@ -225,8 +259,11 @@ def main(argv=None) -> int:
     # model forward
     for bs in (1, 32, 128, 256):
         images = {1: 16 if q else 64, 32: 64 if q else 512, 128: 128 if q else 1024, 256: 256 if q else 1536}[bs]
-        figs[f"model_bs{bs}"] = model_rate(predictor, bs, images)
-        C.log(f"model bs={bs}: {figs[f'model_bs{bs}']:.0f}/s")
+        r = model_rates(ctx, bs, images)
+        figs[f"model_bs{bs}"] = r["pipeline"]
+        if "intra_op" in r:
+            figs[f"model_bs{bs}_plain_intraop{ctx.model_threads}"] = r["intra_op"]
+        C.log(f"model bs={bs}: {r}")
 
     # tag writes
     pg = write_rate(C.pg_database("styletag_bench_writes"), n_write, settings.batch_size)

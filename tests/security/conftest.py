@@ -61,12 +61,14 @@ def secret_forms() -> list[str]:
     return sorted(out)
 
 
-def styletag(env: dict[str, str], *args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
+def styletag(env: dict[str, str], *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
     """Run ``.venv/bin/styletag ARGS`` with ``env`` on top of ours; record its output for test_secrets."""
     exe = Path(sys.executable).with_name("styletag")
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "worker.cli"]
+    t0 = time.monotonic()
     proc = subprocess.run([*argv, *args], env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=timeout)
+    print(f"styletag {' '.join(args)[:80]!r}: exit {proc.returncode} in {time.monotonic() - t0:.1f}s")
     CAPTURED.append((" ".join(args), proc.stdout + proc.stderr))
     return proc
 
