@@ -122,6 +122,7 @@ class Result:
     checks: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    load_at_start: list = field(default_factory=lambda: [round(x, 2) for x in os.getloadavg()])
 
     def write(self, quick: bool = False) -> Path:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -134,6 +135,9 @@ class Result:
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - self.started, 1),
             "machine": machine(),
+            # other work on the machine while this ran (a shared box: compare ratios, not absolutes)
+            "load_average_1_5_15m": [round(x, 2) for x in os.getloadavg()],
+            "load_average_at_start": self.load_at_start,
             "parameters": self.parameters,
             "figures": self.figures,
             "checks": self.checks,

@@ -130,6 +130,39 @@ def explain(url: str, call) -> list[dict]:
     return plans
 
 
+RAW_LABEL = "SELECT id FROM style_labels WHERE name = %s AND level = %s ORDER BY id"
+RAW_FIND = (
+    "SELECT s.product_id, s.score, s.is_primary, s.model_version, s.tagged_at, p.sku, p.title, p.image_uri, "
+    "l.level, l.name FROM product_styles s JOIN products p ON p.id = s.product_id "
+    "JOIN style_labels l ON l.id = s.label_id WHERE s.score >= %s AND s.label_id = %s "
+    "ORDER BY s.score DESC, s.product_id LIMIT 51"
+)
+RAW_PRODUCT = "SELECT id, sku, title, image_uri FROM products WHERE sku = %s"
+RAW_TAGS = (
+    "SELECT l.level, l.name, s.score, s.is_primary, s.model_version, s.tagged_at FROM product_styles s "
+    "JOIN style_labels l ON l.id = s.label_id WHERE s.product_id = %s "
+    "ORDER BY s.is_primary DESC, s.score DESC, l.level, l.name"
+)
+
+
+def raw_sql_latency(url: str, finds, skus) -> tuple[list[float], list[float]]:
+    """The same statements as the API, straight through psycopg (prepared): what the database costs,
+    without the ORM's share of the latency."""
+    lat_find, lat_tags = [], []
+    with C.pg_connect(url, autocommit=True, prepare_threshold=0) as conn:
+        for style, level, m in finds:
+            t = time.perf_counter()
+            (lid,) = conn.execute(RAW_LABEL, (style, level)).fetchone()
+            conn.execute(RAW_FIND, (m, lid)).fetchall()
+            lat_find.append((time.perf_counter() - t) * 1000)
+        for sku in skus:
+            t = time.perf_counter()
+            pid = conn.execute(RAW_PRODUCT, (sku,)).fetchone()[0]
+            conn.execute(RAW_TAGS, (pid,)).fetchall()
+            lat_tags.append((time.perf_counter() - t) * 1000)
+    return lat_find, lat_tags
+
+
 def main(argv=None) -> int:
     p = C.parser(NAME, __doc__)
     p.add_argument("--products", type=int, default=None)
@@ -171,10 +204,13 @@ def main(argv=None) -> int:
             tags_for_sku(s, sku)
             lat_tags.append((time.perf_counter() - t) * 1000)
             s.rollback()
+    raw_find, raw_tags = raw_sql_latency(url, finds, skus)
     f50, f95, t50, t95 = C.pct(lat_find, 50), C.pct(lat_find, 95), C.pct(lat_tags, 50), C.pct(lat_tags, 95)
     res.figures.update({"find_ms": {"p50": f50, "p95": f95, "max": max(lat_find)},
                         "tags_ms": {"p50": t50, "p95": t95, "max": max(lat_tags)},
-                        "find_rows_mean": sum(rows_found) / len(rows_found)})
+                        "find_rows_mean": sum(rows_found) / len(rows_found),
+                        "raw_sql_find_ms": {"p50": C.pct(raw_find, 50), "p95": C.pct(raw_find, 95)},
+                        "raw_sql_tags_ms": {"p50": C.pct(raw_tags, 50), "p95": C.pct(raw_tags, 95)}})
     style, level, m = finds[0]
     plans = {"find_by_style": explain(url, lambda s: find_by_style(s, style, level=level, min_score=m, limit=50)),
              "tags_for_sku": explain(url, lambda s: tags_for_sku(s, skus[0]))}
@@ -188,6 +224,10 @@ def main(argv=None) -> int:
                               target="<= 5 ms", met=f95 <= 5))
     res.checks.append(C.check("tags_for_sku p95", t95, unit="ms", baseline=t50, baseline_label="p50",
                               target="<= 2 ms", met=t95 <= 2))
+    res.checks.append(C.check("find, same SQL via psycopg, p95", C.pct(raw_find, 95), unit="ms",
+                              baseline=C.pct(raw_find, 50), baseline_label="p50", target="(info)", met=None))
+    res.checks.append(C.check("tags, same SQL via psycopg, p95", C.pct(raw_tags, 95), unit="ms",
+                              baseline=C.pct(raw_tags, 50), baseline_label="p50", target="(info)", met=None))
     res.checks.append(C.check("plans use the indexes", len(used), unit="indexes", target="no seq scan of big tables",
                               met=indexed and "ix_product_styles_storefront" in used))
     res.write(q)

@@ -68,11 +68,14 @@ def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint path (.safetensors).")
-@click.option("--resume", type=click.Path(path_type=Path), default=None)
+@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue an interrupted run.")
+@click.option("--init", "init", type=click.Path(path_type=Path), default=None,
+              help="Start from this checkpoint's weights with a fresh optimizer and schedule (warm restart).")
+@click.option("--erase-p", type=float, default=0.5, show_default=True, help="Random-erasing probability.")
 @click.option("--no-progress", is_flag=True)
 def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_size, lr, weight_decay, optimizer,
               schedule, warmup, label_smoothing, w_coarse, w_fine, input_size, no_augment, seed, limit, val_limit, threads,
-              device, out, resume, no_progress):
+              device, out, resume, init, erase_p, no_progress):
     """Train the hierarchical model and write a checkpoint each epoch."""
     from .net import BACKBONES, MIN_INPUT_SIZE
     from .taxonomy import TaxonomyError, load_taxonomy
@@ -90,6 +93,8 @@ def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_s
         check_pretrained(backbone)
     if resume is not None and not resume.is_file():
         raise ModelError(f"--resume checkpoint {resume} not found")
+    if init is not None and not init.is_file():
+        raise ModelError(f"--init checkpoint {init} not found")
     if not str(out).endswith(".safetensors"):
         raise ModelError(f"--out must end in .safetensors, not {out}")
     size = input_size or max(28 * (2 if data_name == "fmnist-mosaic" else 1), MIN_INPUT_SIZE[backbone])
@@ -99,7 +104,8 @@ def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_s
                       optimizer=optimizer, schedule=schedule, warmup=warmup, label_smoothing=label_smoothing, w_coarse=w_coarse,
                       w_fine=w_fine, seed=seed, input_size=size, channels=1, mean=(0.2860,), std=(0.3530,),
                       pretrained=pretrained, augment=not no_augment, device=device, threads=threads,
-                      out=str(out), resume=str(resume) if resume else None, val_limit=val_limit)
+                      out=str(out), resume=str(resume) if resume else None, val_limit=val_limit,
+                      init=str(init) if init else None, erase_p=erase_p)
     desc = {"dataset": data_name, "source": str(source or "/usr/share/datasets/fashion-mnist"),
             "train_items": len(train_set), "val_items": len(val_set), "val_split": "test"}
     t0 = time.time()

@@ -58,6 +58,7 @@ class TrainConfig:
     channels_last: bool = True
     out: str | None = None
     resume: str | None = None
+    init: str | None = None  # start from these weights with a fresh optimizer and schedule (warm restart)
     val_limit: int | None = None  # per-epoch validation on the first N items; the final one uses all
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
 
@@ -157,6 +158,13 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     start_epoch, history = 0, []
+    parent_meta = None
+    if cfg.init and not cfg.resume:
+        state, parent_meta = load_checkpoint(cfg.init)
+        if parent_meta.get("backbone") != cfg.backbone:
+            raise ModelError(f"--init checkpoint has backbone {parent_meta.get('backbone')!r}, not {cfg.backbone!r}")
+        model.load_state_dict(state)
+        log(f"initialised from {cfg.init} (model_version {parent_meta['model_version']})")
     if cfg.resume:
         state, meta = load_checkpoint(cfg.resume)
         if meta.get("backbone") != cfg.backbone:
@@ -172,6 +180,12 @@ def train(
     parent = parent_index(taxonomy.parents, device) if not taxonomy.multi_label else None
     meta = base_meta(cfg, taxonomy)
     meta.update(command=command, data=data_desc or {}, config=_jsonable(asdict(cfg)))
+    if parent_meta is not None:  # a warm restart records the run it started from
+        meta["parent"] = {k: parent_meta.get(k) for k in ("model_version", "command", "trained_at", "metrics", "parent")}
+    elif cfg.resume:
+        _, resumed_meta = load_checkpoint(cfg.resume)
+        if "parent" in resumed_meta:
+            meta["parent"] = resumed_meta["parent"]
     val_small = val_data.subset(cfg.val_limit) if (val_data is not None and hasattr(val_data, "subset")) else val_data
 
     for epoch in range(start_epoch, cfg.epochs):

@@ -105,16 +105,25 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json) -> Non
     if resume is not None:
         with session_scope(settings.database_url) as session:
             get_run(session, resume)
-    if inline:
-        report = run_inline(settings, run_id, resume=resume is not None, progress=True)
-        rate = report.products / report.wall_s if report.wall_s else 0.0
-        click.echo(f"run {run_id}: {report.tagged} tagged, {report.failed} failed in {report.wall_s:.1f}s "
-                   f"({rate:.0f} images/s)", err=as_json)
-    else:
-        sent = enqueue_run(settings, run_id, resume=resume is not None, chunk=chunk, progress=False)
-        click.echo(f"run {run_id}: enqueued {sent} products", err=as_json)
-        if wait:
-            wait_for_run(settings, run_id, progress=True, timeout=timeout)
+    try:
+        if inline:
+            report = run_inline(settings, run_id, resume=resume is not None, progress=True)
+            rate = report.products / report.wall_s if report.wall_s else 0.0
+            click.echo(f"run {run_id}: {report.tagged} tagged, {report.failed} failed in {report.wall_s:.1f}s "
+                       f"({rate:.0f} images/s)", err=as_json)
+        else:
+            sent = enqueue_run(settings, run_id, resume=resume is not None, chunk=chunk, progress=False)
+            click.echo(f"run {run_id}: enqueued {sent} products", err=as_json)
+    except BaseException:
+        if resume is None:  # never leave a run stuck in 'enqueuing'; 'retag --resume' can still finish it
+            from catalog.runs import cancel_run
+
+            with session_scope(settings.database_url) as session:
+                cancel_run(session, run_id)
+            click.echo(f"run {run_id} cancelled; finish it later with 'styletag retag --resume {run_id}'", err=True)
+        raise
+    if wait and not inline:
+        wait_for_run(settings, run_id, progress=True, timeout=timeout)
     with session_scope(settings.database_url) as session:
         info = run_as_dict(get_run(session, run_id))
     if as_json:

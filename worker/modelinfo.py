@@ -20,21 +20,29 @@ def checkpoint_path(settings: Settings) -> Path:
 
 def checkpoint_metadata(settings: Settings) -> dict:
     path = checkpoint_path(settings)
-    try:
-        from model.checkpoint import read_metadata
-    except ImportError:  # pragma: no cover
-        read_metadata = _read_safetensors_metadata
     if not path.is_file():
         raise ConfigError(f"model checkpoint {path} not found; set STYLETAG_MODEL to a .safetensors file")
     try:
-        return read_metadata(path)
+        return _read_safetensors_metadata(path)
     except Exception as exc:
         raise ConfigError(f"cannot read model checkpoint {path}: {str(exc).splitlines()[0][:200]}") from None
 
 
 def _read_safetensors_metadata(path: Path) -> dict:
+    """The JSON header of a safetensors file, parsed by hand: importing model.checkpoint would load
+    torch (seconds) just to read a model_version. The worker verifies the weights when it loads them."""
     with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
+        head = fh.read(8)
+        if len(head) < 8 or head[:1] == b"\x80" or head[:2] == b"PK":
+            raise ValueError("not a safetensors file (a pickle is never loaded)")
+        (n,) = struct.unpack("<Q", head)
+        if n > path.stat().st_size:
+            raise ValueError("not a safetensors file (bad header length)")
         header = json.loads(fh.read(n))
-    meta = header.get("__metadata__", {})
-    return json.loads(meta["styletag"]) if "styletag" in meta else meta
+    raw = (header.get("__metadata__") or {}).get("styletag")
+    if raw is None:
+        raise ValueError("no styletag metadata; it was not written by 'styletag train'")
+    meta = json.loads(raw)
+    if "model_version" not in meta:
+        raise ValueError("metadata lacks model_version")
+    return meta

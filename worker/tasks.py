@@ -56,8 +56,8 @@ def validate_ids(product_ids, *, limit: int = MAX_IDS_PER_TASK) -> list[int]:
         raise InvalidMessage(f"product_ids must be a list, got {type(product_ids).__name__}")
     if len(product_ids) > limit:
         raise InvalidMessage(f"{len(product_ids)} ids in one message, over the limit of {limit}")
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in product_ids):
-        raise InvalidMessage("product_ids must hold positive integers only")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in product_ids):
+        raise InvalidMessage("product_ids must hold positive 64-bit integers only")
     return list(dict.fromkeys(product_ids))
 
 

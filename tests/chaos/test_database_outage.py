@@ -25,9 +25,9 @@ from tests.chaos.conftest import (
 )
 from tests.conftest import _libpq
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 
-N = 640
+N = 384
 CHUNK = 2 * BATCH
 OUTAGE_S = 5.0
 

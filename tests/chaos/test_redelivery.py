@@ -35,7 +35,7 @@ from tests.chaos.conftest import (
 )
 from tests.worker.conftest import wait_until
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 
 N = 128
 VISIBILITY_TIMEOUT = 4

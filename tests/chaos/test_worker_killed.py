@@ -27,7 +27,7 @@ from tests.chaos.conftest import (
     task_lines,
 )
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 
 CHUNK = 2 * BATCH  # 128 ids per message: two batches, so "inside a chunk" is observable
 VISIBILITY_TIMEOUT = 10

@@ -43,6 +43,12 @@ def test_resume_matches_uninterrupted_run(fm_tax, tmp_path):
     assert len(meta_b["train"]["history"]) == 2
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    # a warm restart (--init) starts from the weights and records the run it came from
+    warm = tmp_path / "warm.safetensors"
+    _, meta_w = train(TrainConfig(**{**common, "epochs": 1}, out=str(warm), init=str(full)), fm_tax, data,
+                      progress=False, log=lambda s: None)
+    assert meta_w["parent"]["model_version"] == meta_a["model_version"]
+    assert load_checkpoint(warm)[1]["parent"]["model_version"] == meta_a["model_version"]
 
 
 def _stop_after_first_epoch(cfg, tax, data):

@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 BOMB_SIDE = 50_000  # declared width and height of the bombs: 2.5e9 pixels, 2.5 GB as 8-bit gray
 
@@ -72,6 +72,15 @@ def exif_rotated_jpeg() -> bytes:
     return _save(img, "JPEG", quality=95, exif=exif.tobytes())
 
 
+def exif_references() -> tuple[bytes, bytes]:
+    """The EXIF-rotated JPEG's own pixels as lossless PNGs without EXIF: (as displayed, as stored)."""
+    img = Image.open(io.BytesIO(exif_rotated_jpeg()))
+    img.load()
+    shown = ImageOps.exif_transpose(img)
+    stored = Image.frombytes(img.mode, img.size, img.tobytes())  # no EXIF
+    return _save(shown, "PNG"), _save(stored, "PNG")
+
+
 def cmyk_jpeg() -> bytes:
     return _save(Image.fromarray(_noise(48, 48, 4, seed=4), "CMYK"), "JPEG", quality=90)
 
@@ -115,6 +124,8 @@ def corpus(max_bytes: int) -> list[Sample]:
         Sample("photo.webp", _save(Image.fromarray(_noise(40, 40, 3, seed=7), "RGB"), "WEBP", quality=80), "tagged"),
         Sample("scan.tiff", _save(Image.fromarray(_noise(40, 40, 3, seed=8), "RGB"), "TIFF"), "tagged"),
         Sample("exif_rotated.jpg", exif_rotated_jpeg(), "tagged"),
+        Sample("exif_reference_shown.png", exif_references()[0], "tagged"),
+        Sample("exif_reference_stored.png", exif_references()[1], "tagged"),
         Sample("one_pixel.png", _save(Image.new("L", (1, 1), 128), "PNG"), "tagged"),
         Sample("wide_10000x10.png", _save(Image.fromarray(_noise(10, 10_000, seed=9), "L"), "PNG"), "tagged"),
         Sample("bomb.png", png_bomb(), "too_many_pixels"),

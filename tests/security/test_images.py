@@ -113,7 +113,7 @@ def _got(states: dict, prefix: str) -> dict[str, tuple]:
 
 def test_corpus_inline_on_postgres(hostile_catalog):
     want = _expected(hostile_catalog, "img/")
-    assert len(want) == len(corpus(MAX_IMAGE_BYTES)) == 18
+    assert len(want) == len(corpus(MAX_IMAGE_BYTES)) == 20
     assert _got(hostile_catalog.inline_states, "img/") == want
     run = hostile_catalog.inline_run
     assert run["status"] == "done" and run["done"] + run["failed"] == run["total"] == len(hostile_catalog.rows)
@@ -130,6 +130,28 @@ def test_corpus_through_celery_worker(hostile_catalog):
     assert "CRC" in errors["img/bad_crc.png"]
     assert f"over the limit of {MAX_IMAGE_BYTES}" in errors["img/over_limit.png"]
     assert "2500000000 pixels" in errors["img/bomb.png"]
+
+
+def _tags(url: str, sku: str) -> list[tuple]:
+    from sqlalchemy import select
+
+    from catalog.db import session_scope
+    from catalog.schema import Product, ProductStyle, StyleLabel
+
+    with session_scope(url) as s:
+        rows = s.execute(select(StyleLabel.level, StyleLabel.name, ProductStyle.score, ProductStyle.is_primary)
+                         .join(ProductStyle, ProductStyle.label_id == StyleLabel.id)
+                         .join(Product, Product.id == ProductStyle.product_id).where(Product.sku == sku)).all()
+    return sorted((level, name, round(score, 3), bool(primary)) for level, name, score, primary in rows)
+
+
+def test_exif_rotation_applied_end_to_end(hostile_catalog, sec):
+    """Through the worker, the EXIF-rotated JPEG (file and S3) gets exactly the tags of its displayed
+    pixels saved as a plain PNG, and not those of its stored (unrotated) pixels."""
+    rotated = _tags(sec.db.admin_url, "img/exif_rotated.jpg")
+    assert rotated and _tags(sec.db.admin_url, "s3/exif_rotated.jpg") == rotated
+    assert rotated == _tags(sec.db.admin_url, "img/exif_reference_shown.png")
+    assert rotated != _tags(sec.db.admin_url, "img/exif_reference_stored.png")
 
 
 def test_worker_survived_with_bounded_memory(hostile_catalog, sec_worker):

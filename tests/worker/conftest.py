@@ -116,7 +116,7 @@ class WorkerProcess:
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, n_nodes: int, timeout: float = 120.0) -> None:
+    def wait_ready(self, n_nodes: int, timeout: float = 240.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -141,7 +141,11 @@ class WorkerProcess:
 @pytest.fixture(scope="module")
 def celery_worker(catalog_500, apply_env, tmp_path_factory):
     w = WorkerProcess(apply_env, tmp_path_factory.mktemp("worker") / "worker.log")
-    w.wait_ready(2)
+    try:
+        w.wait_ready(2)
+    except BaseException:
+        w.stop(signal.SIGKILL)
+        raise
     yield w
     w.stop()
 
