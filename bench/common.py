@@ -297,8 +297,9 @@ def store_dir(kind: str) -> Path:
 
 
 def ensure_catalog(kind: str, n: int, db_url: str | None = None) -> tuple[str, str]:
-    """``n`` Fashion-MNIST test products of ``kind`` in ``styletag_bench_<kind>`` (or ``db_url``),
-    their images in a file store; imported once and reused. Returns (database URL, store URL)."""
+    """Exactly ``n`` Fashion-MNIST test products of ``kind`` in ``styletag_bench_<kind>_<n>`` (or
+    ``db_url``), so that ``retag --all`` covers those and no more; their images in a file store shared
+    by every size. Imported once and reused. Returns (database URL, store URL)."""
     from sqlalchemy import func, select
 
     from catalog.db import session_scope
@@ -306,7 +307,7 @@ def ensure_catalog(kind: str, n: int, db_url: str | None = None) -> tuple[str, s
     from catalog.schema import Product
 
     spec = KINDS[kind]
-    url = db_url or pg_database(f"styletag_bench_{kind}")
+    url = db_url or pg_database(f"styletag_bench_{kind}_{n}")
     store = store_dir(kind)
     store.mkdir(parents=True, exist_ok=True)
     store_url = store.resolve().as_uri()

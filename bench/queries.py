@@ -36,6 +36,7 @@ def build_catalog(n: int, db_name: str = DB) -> str:
         return url
     C.log(f"building {db_name}: {n} products x 4 tags (generate_series)")
     t0 = time.perf_counter()
+    url = C.pg_database(db_name, fresh=True)  # a half-built one (interrupted load) starts over
     from datetime import UTC, datetime
 
     tax = load_taxonomy("fashion-mnist")
@@ -67,7 +68,7 @@ def build_catalog(n: int, db_name: str = DB) -> str:
             SELECT x.g, l.label_id, l.score, l.prim, 'bench-storefront', now()
             FROM (SELECT g, (g * 7919) % 10 AS f, ((g * 7919) % 10 + 1 + (g * 104729) % 9) % 10 AS f2,
                          0.5 + random() * 0.49 AS s1, random() * 0.3 AS s2
-                  FROM generate_series(1, {int(n)}) g) x
+                  FROM generate_series(1, {int(n)}::bigint) g) x
             CROSS JOIN LATERAL (VALUES
                 (({arr(fine)})[x.f + 1], x.s1, true),
                 (({arr(parent)})[x.f + 1], x.s1 + 0.01, true),

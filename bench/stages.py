@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     q = args.quick
     model = C.model_path(args.model)
     res = C.Result(NAME, "Stage rates alone (images/s); the terms of the end-to-end bound")
-    n_file = 300 if q else 2000
+    n_file = 256 if q else 2048
     n_s3 = 50 if q else 300
     n_write = 600 if q else 10_000
     from catalog.settings import Settings

@@ -69,13 +69,13 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.T
 def _check_header(path: Path) -> None:
     with open(path, "rb") as fh:
         head = fh.read(9)
+    if len(head) == 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and n <= os.path.getsize(path):
+            return  # a safetensors header (its length may well start with byte 0x80, like a pickle)
     if head[:1] == b"\x80" or head[:2] == b"PK":
         raise CheckpointError(f"{path} is a pickle/torch.save file; refusing to unpickle it (use a .safetensors checkpoint)")
-    if len(head) < 9:
-        raise CheckpointError(f"{path} is not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{" or n > os.path.getsize(path):
-        raise CheckpointError(f"{path} is not a safetensors file")
+    raise CheckpointError(f"{path} is not a safetensors file")
 
 
 def read_metadata(path: str | Path) -> dict:

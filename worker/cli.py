@@ -120,7 +120,6 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json) -> Non
 
             with session_scope(settings.database_url) as session:
                 cancel_run(session, run_id)
-            click.echo(f"run {run_id} cancelled; finish it later with 'styletag retag --resume {run_id}'", err=True)
         raise
     if wait and not inline:
         wait_for_run(settings, run_id, progress=True, timeout=timeout)

@@ -32,13 +32,11 @@ def _read_safetensors_metadata(path: Path) -> dict:
     """The JSON header of a safetensors file, parsed by hand: importing model.checkpoint would load
     torch (seconds) just to read a model_version. The worker verifies the weights when it loads them."""
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8 or head[:1] == b"\x80" or head[:2] == b"PK":
-            raise ValueError("not a safetensors file (a pickle is never loaded)")
-        (n,) = struct.unpack("<Q", head)
-        if n > path.stat().st_size:
-            raise ValueError("not a safetensors file (bad header length)")
-        header = json.loads(fh.read(n))
+        head = fh.read(9)
+        n = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
+        if len(head) < 9 or head[8:9] != b"{" or n > path.stat().st_size:
+            raise ValueError("it is a pickle/torch.save file or not safetensors; refusing to unpickle it")
+        header = json.loads(head[8:] + fh.read(n - 1))
     raw = (header.get("__metadata__") or {}).get("styletag")
     if raw is None:
         raise ValueError("no styletag metadata; it was not written by 'styletag train'")

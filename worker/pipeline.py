@@ -184,7 +184,7 @@ class Pipeline:
             raise TransientStorageError(f"all {transient} images of the batch unreachable: {failures[0].error}")
         return Prepared(ok_items, arrays, failures, transient, fetch_s, decode_s, time.perf_counter() - t0)
 
-    MIN_SLICE = 16  # images per model thread below which splitting a batch costs more than it gains
+    MIN_SLICE = 8  # images per model thread below which splitting a batch costs more than it gains
 
     def predict(self, batch: np.ndarray) -> list:
         """``predictor.predict`` over the batch; on a CPU device split into up to ``model_threads``

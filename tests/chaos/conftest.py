@@ -6,8 +6,9 @@ tools to break each of them on purpose.
   ``CREATE DATABASE ... TEMPLATE``: about a second) cut down to the size it needs.
 * ``reference_tags``: what a clean run gives, computed once with the inline pipeline (same checkpoint,
   same images, same batch size) on another copy. Every fault test ends by comparing with it.
-* ``chaos_broker``: Redis database 12 on the shared server, emptied before and after each test;
-  :class:`RedisServer` starts a private ``redis-server`` that a test may kill.
+* ``chaos_broker``: a private ``redis-server`` per test (:class:`RedisServer`, which a test may also
+  kill), so that concurrent sessions never share a queue; database 12 of the shared server without
+  the binary.
 * ``start_worker``: real ``styletag worker --gpus none --queues bulk`` processes (launcher + Celery main
   + one pool child), each in its own process group, killed at teardown whatever happened.
 * :class:`FaultyEndpoint`: a TCP proxy in front of the moto S3 server that can forward, answer every
@@ -234,11 +235,33 @@ def task_lines(*workers: WorkerProcess) -> list[dict[str, str]]:
     return out
 
 
+def settled_task_lines(*workers: WorkerProcess, until, timeout: float = 30.0) -> list[dict[str, str]]:
+    """task_lines once ``until(lines)`` holds (a task logs its line just after its last commit), or
+    after ``timeout`` as they are, for the caller's assertion to show what is missing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = task_lines(*workers)
+        if until(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
+
+
 # --- broker ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def chaos_broker() -> str:
+def chaos_broker(tmp_path_factory) -> str:
+    """A broker of this test's own: a private redis-server on a free port (so that two sessions running
+    these tests at once cannot take each other's messages), or, without the binary, database 12 of the
+    shared server, emptied before and after."""
+    if shutil.which("redis-server") is not None:
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.kill()
+        return
     url = f"redis://127.0.0.1:6379/{REDIS_DB}"
     client = redis.Redis.from_url(url)
     client.flushdb()
@@ -403,6 +426,17 @@ class Progress:
                 return done
             time.sleep(0.02)
         raise TimeoutError(f"run {self.run_id} never stood inside a chunk: {self.counts()}")
+
+    def wait_stable(self, quiet: float, timeout: float = 180.0) -> tuple:
+        """Wait until the counters have not moved for ``quiet`` seconds; returns them."""
+        last, since, deadline = self.counts(), time.monotonic(), time.monotonic() + timeout
+        while time.monotonic() - since < quiet:
+            assert time.monotonic() < deadline, f"run {self.run_id} never settled: {last}"
+            time.sleep(0.2)
+            now = self.counts()
+            if now != last:
+                last, since = now, time.monotonic()
+        return last
 
     def wait_status(self, status: str = "done", timeout: float = 180.0) -> tuple:
         wait_until(lambda: self.counts()[3] == status, timeout=timeout, interval=0.2)

@@ -17,7 +17,7 @@ from tests.chaos.conftest import (
     chaos_env,
     queue_state,
     retag,
-    task_lines,
+    settled_task_lines,
 )
 from tests.worker.conftest import wait_until
 
@@ -41,21 +41,18 @@ def test_broker_killed_and_restarted_empty_then_resume_finishes_the_run(
     try:
         progress.wait_mid_chunk(2 * CHUNK, at_least=CHUNK)
         waiting, unacked = queue_state(private_redis.client())
-        assert waiting > 0 and unacked == 1
+        assert waiting > 0 and unacked <= 1  # chunks queued, one (or, between two, none) in the worker's hands
         private_redis.kill()  # SIGKILL: nothing saved
         time.sleep(1.0)
         private_redis.start()  # same port, empty
-        assert queue_state(private_redis.client()) == (0, 0)
+        # Empty; at most the chunk in flight, should the worker have put it back after the restart.
+        assert sum(queue_state(private_redis.client())) <= 1
         # The worker reconnects to the new server by itself.
         wait_until(lambda: worker.text().count("Connected to redis://") >= 2, timeout=60, interval=0.2)
         assert worker.proc.poll() is None
 
         # What was in flight finishes; then nothing moves: the queued chunks are gone.
-        time.sleep(2.0)
-        stalled = progress.counts()
-        time.sleep(2.0)
-        assert progress.counts() == stalled
-        done, failed, total, status = stalled
+        done, failed, total, status = progress.wait_stable(quiet=3.0)
         assert status == "running" and done + failed < total
 
         resumed = retag(env, "--resume", str(run_id), "--chunk", str(CHUNK), "--wait", "--timeout", "180")
@@ -64,8 +61,8 @@ def test_broker_killed_and_restarted_empty_then_resume_finishes_the_run(
 
     assert resumed["id"] == run_id and resumed["status"] == "done"
     assert_run_exact(url, run_id, N, reference_tags)
-    lines = task_lines(worker)
+    lines = settled_task_lines(worker, until=lambda ls: sum(int(ln["tagged"]) for ln in ls) >= N)
     assert sum(int(ln["tagged"]) for ln in lines) == N  # each product written by exactly one task
-    assert queue_state(private_redis.client()) == (0, 0)
+    wait_until(lambda: queue_state(private_redis.client()) == (0, 0), timeout=30)  # the last ack follows the last write
     print(f"\nbroker lost: killed with {waiting} chunks queued and {unacked} unacked; run stalled at "
           f"done={done}/{N}; resume re-enqueued {N - done} products; {len(lines)} tasks in all")

@@ -27,8 +27,9 @@ from tests.chaos.conftest import (
     chaos_env,
     queue_state,
     retag,
-    task_lines,
+    settled_task_lines,
 )
+from tests.worker.conftest import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -77,7 +78,8 @@ def test_sigterm_finishes_or_requeues_the_chunk_in_hand(
         progress.close()
     assert_run_exact(url, run_id, N, reference_tags)
     # The third worker wrote exactly the products not yet done: nothing twice, nothing skipped.
-    assert sum(int(ln["tagged"]) for ln in task_lines(third)) == N - after_group_term
-    assert queue_state(broker) == (0, 0)
+    lines = settled_task_lines(third, until=lambda ls: sum(int(ln["tagged"]) for ln in ls) >= N - after_group_term)
+    assert sum(int(ln["tagged"]) for ln in lines) == N - after_group_term
+    wait_until(lambda: queue_state(broker) == (0, 0), timeout=30)  # the last ack follows the last write
     print(f"\nSIGTERM: launcher at done={at_term} -> finished to {after_term}; group at done={at_group_term} "
           f"-> {after_group_term}, {waiting} chunks queued after; second worker exit {second.proc.returncode}")

@@ -24,8 +24,9 @@ from tests.chaos.conftest import (
     chaos_env,
     queue_state,
     retag,
-    task_lines,
+    settled_task_lines,
 )
+from tests.worker.conftest import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -79,10 +80,10 @@ def test_worker_killed_mid_batch_loses_nothing_and_writes_nothing_twice(
     with engine_for(url).connect() as conn:
         attempts = dict(conn.execute(text("SELECT attempts, count(*) FROM tag_state GROUP BY attempts")).all())
     assert attempts == {1: CATALOG_N}
-    lines = task_lines(second)
+    lines = settled_task_lines(second, until=lambda ls: sum(int(ln["tagged"]) for ln in ls) >= CATALOG_N - done)
     redelivered = [ln for ln in lines if ln["redelivered"] == "True"]
     assert len(redelivered) == 1 and int(redelivered[0]["tagged"]) == BATCH  # only the unwritten half
     assert sum(int(ln["tagged"]) for ln in lines) == CATALOG_N - done
-    assert queue_state(broker) == (0, 0)
+    wait_until(lambda: queue_state(broker) == (0, 0), timeout=30)  # the last ack follows the last write
     print(f"\nworker killed: SIGKILL at done={done}/{CATALOG_N} with 1 chunk unacked and {waiting} queued; "
           f"second worker ran {len(lines)} tasks, the redelivered one wrote {redelivered[0]['tagged']} of {CHUNK}")

@@ -65,9 +65,8 @@ def worker_env(pg_url, broker_url, store_dir, tmp_path_factory) -> dict[str, str
 
 def _reset_pool(app) -> None:
     """Drop the app's producer pool so the next send connects to the broker now configured."""
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    app._pool = None
+    app.amqp._producer_pool = None
 
 
 @pytest.fixture(scope="module")
