@@ -2,6 +2,10 @@
 
 SQLite (the embedded default) gets WAL, foreign keys, a busy timeout and ``BEGIN IMMEDIATE`` so that
 concurrent writers queue instead of failing with "database is locked" halfway through a batch.
+
+PostgreSQL through psycopg 3: with ``STYLETAG_DB_PGBOUNCER=1`` psycopg never prepares a statement on the
+server (``prepare_threshold=None``), which a PgBouncer older than 1.21 in transaction pooling mode needs
+(newer ones track prepared statements with ``max_prepared_statements``; see docs/operations.md).
 """
 
 from __future__ import annotations
@@ -10,12 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from catalog.errors import ConfigError
-from catalog.settings import redact_url
+from catalog.settings import env_flag, redact_url
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
@@ -31,11 +35,15 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn):  # pragma: no cover
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":  # see read_connection
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str, **kwargs) -> Engine:
-    """Create an engine; a malformed URL or missing driver is a ConfigError, not a traceback."""
+def make_engine(url: str, *, pgbouncer: bool | None = None, **kwargs) -> Engine:
+    """Create an engine; a malformed URL or missing driver is a ConfigError, not a traceback.
+
+    ``pgbouncer`` (default: ``STYLETAG_DB_PGBOUNCER``) turns off server-side prepared statements of
+    psycopg 3 (``connect_args={"prepare_threshold": None}``)."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     try:
@@ -52,8 +60,12 @@ def make_engine(url: str, **kwargs) -> Engine:
             return engine
         kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("pool_size", 5)
-        kwargs.setdefault("connect_args", {"connect_timeout": 10})
-        return create_engine(url, **kwargs)
+        connect_args = {"connect_timeout": 10, **(kwargs.pop("connect_args", None) or {})}
+        if pgbouncer is None:
+            pgbouncer = env_flag("STYLETAG_DB_PGBOUNCER")
+        if pgbouncer and url.startswith("postgresql+psycopg:"):
+            connect_args["prepare_threshold"] = None
+        return create_engine(url, connect_args=connect_args, **kwargs)
     except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as exc:
         why = "its database driver is not installed" if isinstance(exc, ImportError) else exc.__class__.__name__
         raise ConfigError(f"bad database URL {redact_url(url)!r}: {why}; use postgresql+psycopg://user@host/db "
@@ -82,3 +94,12 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def read_connection(url: str) -> Iterator[Connection]:
+    """A connection for read-only request handling (the storefront's ``catalog.queries`` calls), in
+    autocommit mode: each query is one round trip, with no BEGIN / ROLLBACK around it and no transaction
+    (or SQLite write lock) held between requests. Keep it open across requests."""
+    with engine_for(url).connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")

@@ -104,3 +104,37 @@ def test_sku_lookup_is_parameterised(tagged):
     cat, _ = tagged
     with session_scope(cat.url) as s, pytest.raises(NotFound):
         tags_for_sku(s, "p00000' OR '1'='1")
+
+
+def test_read_connection_answers_like_a_session_and_blocks_no_writer(tagged):
+    from sqlalchemy import text
+
+    from catalog.db import read_connection
+
+    cat, batch = tagged
+    with session_scope(cat.url) as s:
+        want_find = find_by_style(s, "sneaker", level="fine", limit=20)
+        want_tags = tags_for_sku(s, "p00000")
+    with read_connection(cat.url) as conn:
+        assert find_by_style(conn, "sneaker", level="fine", limit=20) == want_find
+        assert tags_for_sku(conn, "p00000") == want_tags
+        # the open read connection holds no transaction: a writer commits meanwhile (SQLite: no lock held)
+        with session_scope(cat.url) as s:
+            s.execute(text("UPDATE products SET title = 'renamed' WHERE sku = 'p00000'"))
+        assert tags_for_sku(conn, "p00000")["title"] == "renamed"
+
+
+def test_a_stale_cached_label_id_is_never_answered(tagged):
+    """Label ids are cached per database URL; a database re-created under the same URL renumbers them.
+    Every query checks the style of the rows it got (and looks again on an empty page)."""
+    import catalog.queries as q
+
+    cat, batch = tagged
+    with session_scope(cat.url) as s:
+        want = find_by_style(s, "sneaker", level="fine", limit=1000)
+        key = q._label_key(s, "sneaker", "fine")
+        assert q._label_cache[key] == (cat.labels.fine_ids[7],)
+        for wrong in ((cat.labels.fine_ids[5],), (10**9,)):  # another style's id; an id that does not exist
+            q._label_cache[key] = wrong
+            assert find_by_style(s, "sneaker", level="fine", limit=1000) == want
+            assert q._label_cache[key] == (cat.labels.fine_ids[7],)
