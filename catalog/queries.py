@@ -17,9 +17,8 @@ import base64
 import binascii
 import json
 import math
-from datetime import UTC, datetime
-
 import threading
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session
