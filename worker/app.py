@@ -3,6 +3,11 @@
 Queue semantics (see DESIGN.md): JSON only, ack late and requeue when a worker dies, prefetch 1 for
 bulk work, a visibility timeout longer than the longest task, time limits on every task, and two
 queues: ``uploads`` (latency-sensitive, micro-batched) and ``bulk`` (nightly retag chunks).
+
+The broker is Redis (``redis://``) or Redis behind Sentinel (``sentinel://h1:26379;sentinel://h2:26379``
+with ``STYLETAG_BROKER_MASTER_NAME``). Nothing in styletag opens Redis from the URL by itself: the nightly
+lock and the queue-depth exporter use the redis-py client of a kombu connection (``broker_connection``),
+so whatever kombu supports, they support.
 """
 
 from __future__ import annotations
@@ -35,6 +40,31 @@ UPLOAD_FLUSH_INTERVAL = float(os.environ.get("STYLETAG_UPLOAD_INTERVAL", "0.25")
 MAX_IDS_PER_TASK = int(os.environ.get("STYLETAG_MAX_IDS_PER_TASK", "10000"))
 
 
+def sentinel_options(settings: Settings) -> dict:
+    """kombu transport options for a ``sentinel://`` broker URL (empty for any other URL): the name of
+    the master the Sentinels monitor and, when the Sentinels want a password of their own, the
+    keyword arguments of the connections to them."""
+    if not settings.broker_url.startswith("sentinel://"):
+        return {}
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # A Sentinel that does not answer is skipped at once for the next one in the URL (redis-py's
+    # default retries each with back-off, ~4 s per dead Sentinel at every new connection).
+    sentinel_kwargs: dict = {"socket_connect_timeout": 5, "socket_timeout": 5, "retry": Retry(NoBackoff(), 0)}
+    if settings.broker_sentinel_password:
+        sentinel_kwargs["password"] = settings.broker_sentinel_password
+    return {"master_name": settings.broker_master_name, "sentinel_kwargs": sentinel_kwargs}
+
+
+def broker_connection(settings: Settings, *, read: bool = False, **kwargs):
+    """A kombu connection to ``settings``' broker (not to whatever the app was configured with at
+    import), Sentinel options included. Every Redis client styletag uses comes from one of these."""
+    kwargs["transport_options"] = {**(kwargs.get("transport_options") or {}), **sentinel_options(settings)}
+    connect = app.connection_for_read if read else app.connection_for_write
+    return connect(settings.broker_url, **kwargs)
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     app = Celery("styletag", broker=settings.broker_url, include=["worker.tasks", "worker.schedule"])
@@ -63,6 +93,7 @@ def make_app(settings: Settings | None = None) -> Celery:
             "visibility_timeout": VISIBILITY_TIMEOUT,
             "unacked_restore_interval": UNACKED_RESTORE_INTERVAL,
             "unacked_restore_throttle": 1,
+            **sentinel_options(settings),
         },
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,

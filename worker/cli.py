@@ -185,10 +185,11 @@ def beat_cmd(loglevel, schedule_file) -> None:
 @click.option("--port", type=int, default=9108, show_default=True)
 def metrics_cmd(port) -> None:
     """Serve deployment metrics (queue depth per queue, counters of unfinished runs) for Prometheus."""
+    from worker.app import sentinel_options
     from worker.metrics import serve_exporter
 
     settings = _settings()
-    serve_exporter(port, settings.broker_url, settings.database_url)
+    serve_exporter(port, settings.broker_url, settings.database_url, sentinel_options(settings))
 
 
 def _one_line(exc: BaseException) -> str:

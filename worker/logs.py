@@ -48,13 +48,14 @@ def _secrets() -> list[str]:
             found.add(value)
             if ":" in value and name.upper().endswith("_AUTH"):  # user:password (FLOWER_BASIC_AUTH)
                 found.add(value.split(":", 1)[1])
-        if "://" in value and "@" in value:  # a URL setting with a password in it
-            try:
-                password = urlsplit(value).password
-            except ValueError:
-                password = None
-            if password:
-                found.update((password, unquote(password)))
+        if "://" in value and "@" in value:  # a URL setting with a password in it (or a ';' list of them)
+            for part in value.split(";"):
+                try:
+                    password = urlsplit(part.strip()).password
+                except ValueError:
+                    password = None
+                if password:
+                    found.update((password, unquote(password)))
     return sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
 
 

@@ -74,15 +74,18 @@ def observe_batch(report) -> None:
         IMAGES_PER_SECOND.set(report.size / wall)
 
 
-def queue_depths(broker_url: str, queues=QUEUES, timeout: float = 2.0) -> tuple[dict[str, int], int | None]:
+def queue_depths(broker_url: str, queues=QUEUES, timeout: float = 2.0, *,
+                 transport_options: dict | None = None) -> tuple[dict[str, int], int | None]:
     """Messages waiting per queue (every priority level counted) and, on Redis, messages delivered but
-    not yet acknowledged. Through the Celery app's connection, so Sentinel URLs work too."""
+    not yet acknowledged. Through the Celery app's connection, so Sentinel URLs work too (with the
+    ``master_name`` in ``transport_options``, see ``worker.app.sentinel_options``)."""
     from kombu.exceptions import ChannelError
 
     from worker.app import app
 
     depths: dict[str, int] = {}
-    with app.connection_for_read(broker_url, connect_timeout=timeout) as conn:
+    with app.connection_for_read(broker_url, connect_timeout=timeout,
+                                 transport_options=transport_options or {}) as conn:
         channel = conn.default_channel
         for q in queues:
             try:
@@ -99,9 +102,10 @@ def queue_depths(broker_url: str, queues=QUEUES, timeout: float = 2.0) -> tuple[
 class DeploymentCollector:
     """Queue depth per queue and counters of unfinished runs, read at scrape time."""
 
-    def __init__(self, broker_url: str, database_url: str):
+    def __init__(self, broker_url: str, database_url: str, transport_options: dict | None = None):
         self.broker_url = broker_url
         self.database_url = database_url
+        self.transport_options = transport_options or {}
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
@@ -110,7 +114,7 @@ class DeploymentCollector:
         unacked = GaugeMetricFamily("styletag_unacked_messages", "Messages delivered to workers, not yet acked")
         broker_up = GaugeMetricFamily("styletag_broker_up", "1 when the broker answered this scrape")
         try:
-            depths, n_unacked = queue_depths(self.broker_url)
+            depths, n_unacked = queue_depths(self.broker_url, transport_options=self.transport_options)
             for q, n in depths.items():
                 depth.add_metric([q], n)
             if n_unacked is not None:
@@ -152,10 +156,10 @@ class DeploymentCollector:
         yield db_up
 
 
-def serve_exporter(port: int, broker_url: str, database_url: str) -> None:
+def serve_exporter(port: int, broker_url: str, database_url: str, transport_options: dict | None = None) -> None:
     from prometheus_client import REGISTRY
 
-    REGISTRY.register(DeploymentCollector(broker_url, database_url))
+    REGISTRY.register(DeploymentCollector(broker_url, database_url, transport_options))
     start_http_server(port, addr=_addr())
     log.info("metrics exporter on %s:%d", _addr(), port)
     while True:

@@ -119,13 +119,13 @@ def enqueue_run(
 def _celery_sender(settings: Settings) -> Callable[[int, list[int]], None]:
     from kombu.exceptions import OperationalError as KombuOperationalError
 
-    from worker.app import BULK_QUEUE, app
+    from worker.app import BULK_QUEUE, broker_connection
     from worker.tasks import tag_products
 
     def send(run_id: int, ids: list[int]) -> None:
         try:
             # The broker named by the settings, not whatever the app was configured with at import.
-            with app.connection_for_write(settings.broker_url) as conn:
+            with broker_connection(settings) as conn:
                 tag_products.apply_async(args=(run_id, ids), queue=BULK_QUEUE, retry=True, connection=conn,
                                          retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1})
         except KombuOperationalError as exc:

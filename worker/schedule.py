@@ -15,8 +15,9 @@ result), not doubled. A run left in ``enqueuing`` by a producer that died (no lo
 it for ``LOCK_SECONDS``) would block every later night; it is cancelled, reported, and a new
 ``--changed-only`` run picks up whatever it had not tagged.
 
-Redis is reached through the Celery app's broker connection (kombu), so a ``sentinel://`` broker URL
-works here as it does for the workers.
+Redis is reached through a kombu broker connection (``worker.app.broker_connection``), so a
+``sentinel://`` broker URL (with ``STYLETAG_BROKER_MASTER_NAME``) works here as it does for the workers:
+the lock lives on the current master.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from catalog.db import session_scope
 from catalog.errors import ConfigError, StyletagError
 from catalog.schema import TaggingRun
 from catalog.settings import Settings
-from worker.app import BULK_QUEUE, app
+from worker.app import BULK_QUEUE, app, broker_connection
 
 log = logging.getLogger("styletag.schedule")
 
@@ -153,7 +154,7 @@ def start_nightly(settings: Settings, *, redis_client=None, chunk: int = 1024) -
     from worker.retag import current_model_version, enqueue_run
 
     version = current_model_version(settings)
-    with app.connection_for_write(settings.broker_url) as conn:
+    with broker_connection(settings) as conn:
         client = redis_client or broker_redis(conn)
         lock = client.lock(LOCK_KEY, timeout=LOCK_SECONDS, blocking=False)
         if not lock.acquire(blocking=False):

@@ -42,12 +42,12 @@ def enqueue_uploads(skus: Sequence[str], settings: Settings | None = None) -> li
 def enqueue_upload_ids(ids: Sequence[int], settings: Settings | None = None) -> None:
     from kombu.exceptions import OperationalError
 
-    from worker.app import UPLOADS_QUEUE, app
+    from worker.app import UPLOADS_QUEUE, app, broker_connection
     from worker.tasks import tag_uploads
 
     settings = settings or Settings.from_env()
     try:
-        with app.connection_for_write(settings.broker_url) as conn, app.producer_or_acquire(conn.Producer()) as producer:
+        with broker_connection(settings) as conn, app.producer_or_acquire(conn.Producer()) as producer:
             for pid in ids:
                 tag_uploads.apply_async(args=(int(pid),), queue=UPLOADS_QUEUE, producer=producer,
                                         retry=True, retry_policy={"max_retries": 3})
