@@ -33,7 +33,7 @@ VISIBILITY_TIMEOUT = int(os.environ.get("STYLETAG_VISIBILITY_TIMEOUT", str(max(3
 UNACKED_RESTORE_INTERVAL = max(1, min(10, VISIBILITY_TIMEOUT // 5))
 
 # Upload micro-batching: a burst becomes full batches; a lone upload waits at most the interval.
-UPLOAD_FLUSH_EVERY = int(os.environ.get("STYLETAG_UPLOAD_BATCH", "64"))
+UPLOAD_FLUSH_EVERY = int(os.environ.get("STYLETAG_UPLOAD_BATCH", "128"))
 UPLOAD_FLUSH_INTERVAL = float(os.environ.get("STYLETAG_UPLOAD_INTERVAL", "0.25"))
 
 # A bulk message carries at most this many ids; larger ones are refused, never executed blindly.

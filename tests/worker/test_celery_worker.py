@@ -143,7 +143,9 @@ def test_burst_of_uploads_is_micro_batched(celery_worker, catalog_500, apply_env
     assert sum(sizes) == 200
     # A burst becomes full batches (the size bound), never one model call per image; how many partial
     # batches the time bound cuts depends on how fast the producer sends, so only the mean is bounded.
-    assert max(sizes) == int(apply_env["STYLETAG_UPLOAD_BATCH"]), sizes
+    # What arrives while a batch runs goes as one batch (CoalescingBatches), up to the prefetch (4x).
+    batch = int(apply_env["STYLETAG_UPLOAD_BATCH"])
+    assert batch <= max(sizes) <= 4 * batch, sizes
     assert len(sizes) <= 200 // 4, sizes
 
 
