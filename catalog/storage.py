@@ -229,6 +229,38 @@ def _s3_get(loc: Location, max_bytes: int | None) -> bytes:
         raise _s3_error(exc, loc.uri) from None
 
 
+def _s3_get_checked(loc: Location, max_bytes: int) -> tuple[bytes, int]:
+    """One ranged GET for the image read: ``bytes=0-max_bytes`` caps the transfer at ``max_bytes + 1``
+    and the reply's ``Content-Range: bytes 0-N/TOTAL`` gives the object's size, so the size check needs
+    no HEAD (one request per image instead of two). Returns (data, total size); the body of an object
+    over the limit is not read. A range on an empty object is unsatisfiable (416): that is an empty object."""
+    from botocore.exceptions import ClientError
+
+    try:
+        resp = s3_client().get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes=0-{max_bytes}")
+    except ClientError as exc:
+        err = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if err.get("Code") == "InvalidRange" or status == 416:
+            return b"", 0
+        raise _s3_error(exc, loc.uri) from None
+    except Exception as exc:  # noqa: BLE001 - mapped to typed errors
+        raise _s3_error(exc, loc.uri) from None
+    body = resp["Body"]
+    try:
+        total = int(resp.get("ContentLength") or 0)
+        content_range = str(resp.get("ContentRange") or "")
+        if "/" in content_range and content_range.rsplit("/", 1)[1].isdigit():
+            total = int(content_range.rsplit("/", 1)[1])  # a store that ignores Range sends it all: ContentLength
+        if total > max_bytes:
+            return b"", total
+        return body.read(max_bytes + 1), total
+    except Exception as exc:  # noqa: BLE001 - a connection lost mid-body
+        raise _s3_error(exc, loc.uri) from None
+    finally:
+        body.close()
+
+
 # --- files ------------------------------------------------------------------------------------------
 
 
@@ -426,15 +458,15 @@ class ImageReader:
         return ObjectTooLarge(f"object {uri[:200]} is {size} bytes, over the limit of {self.max_bytes}")
 
     def get(self, uri: str) -> bytes:
-        """Check, size-check (stat / HEAD) and only then read at most ``max_bytes + 1`` bytes."""
+        """Check, size-check (fstat / the ranged GET's Content-Range) and read at most ``max_bytes + 1``
+        bytes."""
         loc = check_uri(uri, self.allowed_prefixes)
         if loc.scheme == "file":
             data = self._read_file(loc)
         else:
-            size = _s3_head(loc).size
+            data, size = _s3_get_checked(loc, self.max_bytes)
             if size > self.max_bytes:
                 raise self._too_large(loc.uri, size)
-            data = b"" if size == 0 else _s3_get(loc, self.max_bytes)
         if len(data) > self.max_bytes:  # it grew between the size check and the read
             raise self._too_large(loc.uri, len(data))
         return data

@@ -144,3 +144,31 @@ def test_one_s3_client_shared_across_threads(s3_server):
     assert len(clients) == 1
     config = s3_client().meta.config
     assert config.retries["mode"] == "standard" and config.max_pool_connections >= 16
+
+
+def test_s3_image_read_is_one_ranged_get(s3_server):
+    """The reader's size check rides on the GET's Content-Range: one request per image, no HEAD; an
+    object over the limit is refused without its body being read; an empty object reads as empty."""
+    from catalog.storage import s3_client
+
+    store = open_store(f"s3://{s3_server.make_bucket()}/img")
+    reader = ImageReader([store.url + "/"], max_bytes=MAX)
+    store.put("ok.bin", b"y" * 700)
+    store.put("big.bin", b"x" * (50 * MAX))
+    store.put("empty.bin", b"")
+    calls: list[str] = []
+
+    def count(event_name, **_):
+        calls.append(event_name.rsplit(".", 1)[-1])
+
+    events = s3_client().meta.events
+    events.register("before-call.s3", count)
+    try:
+        assert reader.get(store.uri_for("ok.bin")) == b"y" * 700
+        assert calls == ["GetObject"]
+        with pytest.raises(ObjectTooLarge, match=f"{50 * MAX} bytes, over the limit"):
+            reader.get(store.uri_for("big.bin"))
+        assert reader.get(store.uri_for("empty.bin")) == b""
+        assert calls == ["GetObject"] * 3
+    finally:
+        events.unregister("before-call.s3", count)

@@ -32,7 +32,7 @@ from tests.chaos.conftest import (
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 
-N = 256
+N = 512  # enough chunks left when the faults start (a single ranged GET per image makes fetching quick)
 CHUNK = BATCH
 PHASE_S = 3.0
 
