@@ -27,6 +27,13 @@ def _int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _nonnegative(name: str, default: int) -> int:
+    value = _int(name, default)
+    if value < 0:
+        raise ConfigError(f"{name} must be 0 or more, got {value}")
+    return value
+
+
 def env_flag(name: str, default: bool = False) -> bool:
     """A yes/no setting: 1/true/yes/on or 0/false/no/off (empty: the default)."""
     raw = (os.environ.get(name) or "").strip().lower()
@@ -88,7 +95,7 @@ class Settings:
     max_image_pixels: int = 40_000_000
     batch_size: int = 256
     fetch_threads: int = 16
-    decode_threads: int = 2
+    decode_threads: int = 0  # images decoded at once per worker process; 0: the number of cores
     nightly_cron: str = "0 2 * * *"
     metrics_port: int = 0
     # PostgreSQL behind a PgBouncer older than 1.21 (transaction pooling without
@@ -116,7 +123,7 @@ class Settings:
             max_image_pixels=_int("STYLETAG_MAX_IMAGE_PIXELS", 40_000_000),
             batch_size=_int("STYLETAG_BATCH_SIZE", 256),
             fetch_threads=_int("STYLETAG_FETCH_THREADS", 16),
-            decode_threads=_int("STYLETAG_DECODE_THREADS", 2),
+            decode_threads=_nonnegative("STYLETAG_DECODE_THREADS", 0),
             nightly_cron=os.environ.get("STYLETAG_NIGHTLY_CRON", "0 2 * * *"),
             metrics_port=_int("STYLETAG_METRICS_PORT", 0),
             db_pgbouncer=env_flag("STYLETAG_DB_PGBOUNCER"),

@@ -140,8 +140,10 @@ class Pipeline:
         self.reader = ctx.reader
         self.lookahead = lookahead
         self.model_threads = max(1, int(getattr(ctx, "model_threads", 1) or 1))
-        # Fetch threads wait on I/O; decoding is CPU work: no more decoders at once than cores.
-        self._decoders = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        # Fetch threads wait on I/O; decoding is CPU work: no more decoders at once than cores
+        # (STYLETAG_DECODE_THREADS overrides; 0 = the cores).
+        decoders = int(getattr(self.settings, "decode_threads", 0) or 0) or (os.cpu_count() or 1)
+        self._decoders = threading.BoundedSemaphore(max(1, decoders))
         self._model_pool: ThreadPoolExecutor | None = None
 
     # -- stages ---------------------------------------------------------------------------------

@@ -69,3 +69,26 @@ def test_checkpoint_with_other_labels_under_the_catalogs_taxonomy_name(sec, tmp_
                           "use a new taxonomy name")
     with session_scope(sec.db.admin_url) as s:  # the new label was not left behind in the catalog
         assert s.scalar(select(func.count()).select_from(StyleLabel)) == labels_before
+
+
+@pytest.mark.parametrize(("value", "needle"), [("-1", "STYLETAG_DECODE_THREADS must be 0 or more, got -1"),
+                                               ("two", "STYLETAG_DECODE_THREADS must be an integer, got 'two'")])
+def test_bad_decode_threads(sec, value, needle):
+    assert_one_error_line(styletag({**sec.env, "STYLETAG_DECODE_THREADS": value}, "runs"), needle)
+
+
+def test_decode_threads_caps_concurrent_decodes(monkeypatch):
+    from types import SimpleNamespace
+
+    from catalog.settings import Settings
+    from worker.pipeline import Pipeline
+
+    def decoders(value: str) -> int:
+        monkeypatch.setenv("STYLETAG_DECODE_THREADS", value)
+        ctx = SimpleNamespace(settings=Settings.from_env(), predictor=None, labels=None, reader=None, model_threads=1)
+        return Pipeline(ctx)._decoders._value
+
+    import os
+
+    assert decoders("3") == 3
+    assert decoders("0") == (os.cpu_count() or 1)
