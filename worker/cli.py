@@ -101,7 +101,19 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json) -> Non
     from worker.retag import enqueue_run, run_inline, start_run, wait_for_run
 
     settings = _settings()
-    run_id = resume if resume is not None else start_run(settings, scope=scope, kind=kind)
+    if kind == "nightly" and resume is None:
+        # The same guard as beat's: never two nightly runs at once (Redis lock + database claim).
+        run_id = _start_nightly_from_cli(settings, scope, inline, chunk, as_json)
+        if not inline:
+            if wait:
+                wait_for_run(settings, run_id, progress=True, timeout=timeout)
+            with session_scope(settings.database_url) as session:
+                info = run_as_dict(get_run(session, run_id))
+            if as_json or wait:
+                click.echo(json.dumps(info) if as_json else _run_line(info))
+            return
+    else:
+        run_id = resume if resume is not None else start_run(settings, scope=scope, kind=kind)
     if resume is not None:
         with session_scope(settings.database_url) as session:
             get_run(session, resume)
@@ -129,6 +141,33 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json) -> Non
         click.echo(json.dumps(info))
     elif wait or inline:
         click.echo(_run_line(info))
+
+
+def _start_nightly_from_cli(settings, scope: str, inline: bool, chunk: int, as_json: bool) -> int:
+    """``retag --kind nightly``: through beat's guard, so a manual nightly never doubles a running one.
+    Returns the new run's id (enqueued already unless ``inline``); a nightly still going is an error."""
+    from catalog.errors import StyletagError
+    from worker.retag import current_model_version
+    from worker.schedule import claim_nightly, start_nightly
+
+    if scope != "changed":
+        raise StyletagError("a nightly run is --changed-only; use --kind manual with --all")
+    if inline:
+        claim = claim_nightly(settings, current_model_version(settings))
+        busy = claim.get("busy")
+    else:
+        out = start_nightly(settings, chunk=chunk, report_skip=False)
+        if out["started"]:
+            click.echo(f"run {out['run_id']}: enqueued {out['enqueued']} products", err=as_json)
+            return int(out["run_id"])
+        if out["reason"] == "locked":
+            raise StyletagError("another nightly run is being started right now; not starting one")
+        busy = out["run"]
+    if busy is not None:
+        raise StyletagError(f"nightly run {busy['id']} is still {busy['status']} ({busy['done']} done, "
+                            f"{busy['failed']} failed of {busy['total']}); not starting another "
+                            f"('styletag retag --resume {busy['id']}' re-enqueues what it has not done)")
+    return int(claim["created"])
 
 
 def _run_line(info: dict) -> str:

@@ -146,9 +146,10 @@ def _sender(conn, lock):
     return send
 
 
-def start_nightly(settings: Settings, *, redis_client=None, chunk: int = 1024) -> dict:
+def start_nightly(settings: Settings, *, redis_client=None, chunk: int = 1024, report_skip: bool = True) -> dict:
     """Create and enqueue a nightly ``--changed-only`` run unless one is still going. Everything goes
-    to ``settings``' broker and database (not to whatever the process's Celery app was built with)."""
+    to ``settings``' broker and database (not to whatever the process's Celery app was built with).
+    ``report_skip=False``: a skipped start is only returned, not logged (the CLI says it itself)."""
     from redis.exceptions import LockError
 
     from worker.retag import current_model_version, enqueue_run
@@ -158,7 +159,8 @@ def start_nightly(settings: Settings, *, redis_client=None, chunk: int = 1024) -
         client = redis_client or broker_redis(conn)
         lock = client.lock(LOCK_KEY, timeout=LOCK_SECONDS, blocking=False)
         if not lock.acquire(blocking=False):
-            log.warning("nightly retag skipped: another nightly run is being started right now")
+            if report_skip:
+                log.warning("nightly retag skipped: another nightly run is being started right now")
             return {"started": False, "reason": "locked"}
         try:
             claim = claim_nightly(settings, version)
@@ -168,7 +170,7 @@ def start_nightly(settings: Settings, *, redis_client=None, chunk: int = 1024) -
                             "cancelled it", c["id"], c["done"], c["total"])
             if "busy" in claim:
                 busy = claim["busy"]
-                log.warning(
+                (log.warning if report_skip else log.debug)(
                     "nightly retag skipped: run %d is still %s (%d done, %d failed of %d); not starting "
                     "another. If it is stuck, 'styletag retag --resume %d' re-enqueues what it has not done",
                     busy["id"], busy["status"], busy["done"], busy["failed"], busy["total"], busy["id"],

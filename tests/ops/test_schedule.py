@@ -227,3 +227,30 @@ def test_the_beat_task_starts_a_changed_only_nightly_run(nightly, monkeypatch):
         run = s.get(TaggingRun, result["run_id"])
         assert (run.kind, run.scope, run.status, run.total) == ("nightly", "changed", "running", N_PRODUCTS)
         assert s.scalar(select(func.count()).select_from(TaggingRun)) == 1
+
+
+def test_cli_nightly_goes_through_the_same_guard(nightly, tmp_path):
+    """``styletag retag --kind nightly`` (an operator starting tonight's run by hand) never doubles a
+    nightly run that beat started: it answers one error line and enqueues nothing."""
+    settings, broker = nightly
+    env = service_env(STYLETAG_DATABASE_URL=settings.database_url, STYLETAG_BROKER_URL=BROKER_URL,
+                      STYLETAG_HOME=str(tmp_path))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "styletag"), "retag", "--kind", "nightly", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    first = cli("--json")
+    assert first.returncode == 0, first.stderr
+    run = json.loads(first.stdout)
+    assert run["kind"] == "nightly" and run["scope"] == "changed"
+    assert queued(broker) == Counter({run["id"]: N_PRODUCTS})
+    again = cli()
+    assert again.returncode != 0
+    lines = [ln for ln in again.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), again.stderr
+    assert f"nightly run {run['id']} is still" in lines[0] and "Traceback" not in again.stderr
+    assert queued(broker) == Counter({run["id"]: N_PRODUCTS})  # nothing enqueued twice
+    assert nightly_runs(settings.database_url) == [(run["id"], "running")]
+    refused = cli("--all")
+    assert refused.returncode != 0 and "--changed-only" in refused.stderr
