@@ -67,13 +67,15 @@ def _settings():
 @click.option("--threads", type=int, default=None, help="torch threads per worker (CPU inference).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--metrics-port", type=int, default=0, help="First Prometheus port (one per worker process).")
+@click.option("--bulk-procs", type=int, default=1, show_default=True,
+              help="Bulk pool processes per GPU (each loads the model; use spare cores, see docs/operations.md).")
 @click.option("--dry-run", is_flag=True, help="Print the worker processes that would start, as JSON.")
-def worker_cmd(gpus, queues, threads, loglevel, metrics_port, dry_run) -> None:
+def worker_cmd(gpus, queues, threads, loglevel, metrics_port, bulk_procs, dry_run) -> None:
     """Start one Celery worker per GPU and queue group, each pinned with CUDA_VISIBLE_DEVICES."""
     from worker.launcher import build_specs, parse_gpus, parse_queues, run_workers
 
     specs = build_specs(parse_gpus(gpus), parse_queues(queues), threads=threads, loglevel=loglevel,
-                        metrics_port=metrics_port)
+                        metrics_port=metrics_port, bulk_procs=bulk_procs)
     if dry_run:
         click.echo(json.dumps([{"node": s.nodename, "gpu": s.gpu, "queue": s.queue,
                                 "CUDA_VISIBLE_DEVICES": s.env["CUDA_VISIBLE_DEVICES"], "argv": list(s.argv)}

@@ -79,9 +79,14 @@ def parse_queues(value: str) -> list[str]:
 
 
 def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | None = None,
-                loglevel: str = "INFO", metrics_port: int = 0) -> list[WorkerSpec]:
+                loglevel: str = "INFO", metrics_port: int = 0, bulk_procs: int = 1) -> list[WorkerSpec]:
+    """``bulk_procs``: pool processes of each bulk worker (each loads the model on its GPU). One process
+    is bound by its Python (fetch, decode, write under one GIL) at ~1,400 images/s on an H100 host while
+    the GPU idles, so a host with spare cores runs more than one per GPU (docs/performance.md)."""
     from worker.app import UPLOAD_FLUSH_EVERY
 
+    if bulk_procs < 1:
+        raise ConfigError(f"--bulk-procs must be 1 or more, got {bulk_procs}")
     host = socket.gethostname()
     specs = []
     port = metrics_port
@@ -95,14 +100,15 @@ def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | Non
             env["STYLETAG_QUEUE"] = queue
             if threads:
                 env["STYLETAG_TORCH_THREADS"] = str(threads)
-            if port:
+            procs = bulk_procs if queue == "bulk" else 1
+            if port:  # one port per pool process: STYLETAG_METRICS_PORT + the process's pool index
                 env["STYLETAG_METRICS_PORT"] = str(port)
-                port += 1
+                port += procs
             prefetch = "1" if queue == "bulk" else str(4 * UPLOAD_FLUSH_EVERY)
             nodename = f"{queue}-{slot}@{host}"
             argv = (
                 sys.executable, "-m", "celery", "--app", "worker.app:app", "worker",
-                "-Q", queue, "-n", nodename, "--pool", "prefork", "--concurrency", "1",
+                "-Q", queue, "-n", nodename, "--pool", "prefork", "--concurrency", str(procs),
                 "--prefetch-multiplier", prefetch, "--loglevel", loglevel, "--without-gossip", "--without-mingle",
             )
             specs.append(WorkerSpec(gpu, queue, argv, env, nodename))

@@ -1,7 +1,8 @@
 """Prometheus metrics (prometheus-client): per worker process, and for the whole deployment.
 
 Worker processes: each Celery pool child serves its own endpoint on ``STYLETAG_METRICS_PORT`` (the
-launcher gives each process its own port: ``--metrics-port 9109`` → uploads 9109, bulk 9110) on
+launcher gives each process its own port: ``--metrics-port 9109`` → uploads 9109, bulk 9110, and with
+``--bulk-procs N`` the bulk pool processes 9110 ... 9110+N-1) on
 ``STYLETAG_METRICS_ADDR`` (default all interfaces, as a container needs):
 
 * ``styletag_products_tagged_total``, ``styletag_products_failed_total{reason}``
@@ -47,12 +48,21 @@ def _addr() -> str:
     return os.environ.get("STYLETAG_METRICS_ADDR") or "0.0.0.0"  # noqa: S104 - a container's port
 
 
+def _pool_index() -> int:
+    """0 for the first (or only) Celery pool process, 1 for the second, ... (billiard's index)."""
+    from celery.utils.log import current_process_index
+
+    return current_process_index(base=0) or 0
+
+
 def start_worker_metrics(model_version: str, backbone: str) -> int | None:
     """Serve this process's metrics when STYLETAG_METRICS_PORT is set; returns the port."""
     global _started
     MODEL_INFO.labels(model_version, backbone, os.environ.get("STYLETAG_GPU", "none"),
                       os.environ.get("STYLETAG_QUEUE", "inline")).set(1)
     port = int(os.environ.get("STYLETAG_METRICS_PORT", "0") or 0)
+    if port:
+        port += _pool_index()  # a bulk worker with several pool processes: one port each
     if port and not _started:
         start_http_server(port, addr=_addr())
         _started = True

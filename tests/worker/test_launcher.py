@@ -42,6 +42,17 @@ def test_specs_pin_each_gpu_and_name_each_node():
     assert cpu[0].env["CUDA_VISIBLE_DEVICES"] == "" and cpu[0].env["STYLETAG_DEVICE"] == "cpu"
 
 
+def test_bulk_procs_give_each_bulk_worker_a_pool_and_a_port_per_process():
+    specs = build_specs(["0", "1"], ["uploads", "bulk"], metrics_port=9100, bulk_procs=3)
+    conc = {(s.gpu, s.queue): s.argv[s.argv.index("--concurrency") + 1] for s in specs}
+    assert conc == {("0", "uploads"): "1", ("0", "bulk"): "3", ("1", "uploads"): "1", ("1", "bulk"): "3"}
+    ports = [(s.gpu, s.queue, int(s.env["STYLETAG_METRICS_PORT"])) for s in specs]
+    # uploads one port, bulk three (its pool processes add their index): no two processes share one
+    assert ports == [("0", "uploads", 9100), ("0", "bulk", 9101), ("1", "uploads", 9104), ("1", "bulk", 9105)]
+    with pytest.raises(ConfigError, match="--bulk-procs must be 1 or more"):
+        build_specs(["0"], ["bulk"], bulk_procs=0)
+
+
 def test_launcher_starts_one_process_per_gpu_with_its_environment(tmp_path):
     """Replace the celery command by a probe that records its environment; run the real launcher."""
     probe = ("import json, os, sys; "
