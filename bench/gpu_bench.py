@@ -6,7 +6,9 @@ torchvision but no Celery, boto3, Redis or PostgreSQL (SQLAlchemy travels as a w
 2. JPEG decoding: ``torchvision.io.decode_jpeg`` on the device, batched, vs PIL on all CPU cores
    (full decode; and PIL with draft, what the pipeline does for a small model input);
 3. the inline pipeline end to end (``retag --all --inline``) on SQLite and a file store, with its
-   ratio to the GPU bound min(model rate, CPU-stage bound 1 / sum(1/rate) of fetch, decode, write).
+   ratio to the GPU bound min(model rate, CPU-stage bound 1 / sum(1/rate) of fetch, decode, write);
+4. the same with 1, 2, 4 pipeline processes sharing the device (``styletag worker --bulk-procs N``),
+   each on its own slice of the products: their images/s together.
 
 Without a GPU it runs the same steps on the CPU with small sizes (``--cpu`` forces that), so that the
 script is tested where no GPU is lent. Images are synthesised (no dataset needed on the machine).
@@ -253,6 +255,102 @@ def pipeline_e2e(model_path: str | None, device: torch.device, quick: bool, kind
     return out
 
 
+# --- 4. several pipeline processes per device (``styletag worker --bulk-procs N``) -------------------
+
+
+def _write_store(store: Path, n: int, kind: str) -> None:
+    size, fmt = (28, "png") if kind == "png28" else (512, "jpeg")
+    store.mkdir(parents=True, exist_ok=True)
+    blobs = synth_many(min(n, 1024), size, fmt)
+    for i in range(n):
+        (store / f"{i:06d}.{'png' if fmt == 'png' else 'jpg'}").write_bytes(blobs[i % len(blobs)])
+
+
+def _scaling_child(kind: str, store: str, db: str, offset: int, count: int, model_path: str, device: str,
+                   gate: str) -> dict:
+    """One pipeline process: its own SQLite catalog of ``count`` products (a slice of the shared store),
+    warmed up, then ``retag --all --inline`` once the parent opens the gate."""
+    os.environ["STYLETAG_DEVICE"] = device
+    from dataclasses import replace
+
+    from sqlalchemy import insert
+
+    from catalog.db import engine_for
+    from catalog.schema import Base, Product
+    from catalog.settings import Settings
+    from worker.context import get_context, reset_context
+    from worker.retag import run_inline, start_run
+
+    ext = "png" if kind == "png28" else "jpg"
+    store_uri = Path(store).as_uri()
+    url = f"sqlite:///{db}"
+    Base.metadata.create_all(engine_for(url))
+    with engine_for(url).begin() as conn:
+        conn.execute(insert(Product.__table__), [
+            {"sku": f"gpu-{i:06d}", "title": "", "image_uri": f"{store_uri}/{i:06d}.{ext}", "image_version": "v1"}
+            for i in range(offset, offset + count)])
+    settings = replace(Settings.from_env(), database_url=url, store_url=store_uri, model_path=model_path,
+                       allowed_image_prefixes=(store_uri + "/",))
+    reset_context()
+    ctx = get_context(settings)
+    pred = ctx.predictor
+    pred.predict(np.zeros((settings.batch_size, pred.input_size, pred.input_size, pred.channels), np.uint8))
+    run_id = start_run(settings, scope="all", model_version=pred.model_version)
+    Path(db + ".ready").touch()
+    while not Path(gate).exists():
+        time.sleep(0.002)
+    t0 = time.time()
+    rep = run_inline(settings, run_id, progress=False)
+    return {"products": rep.products, "failed": rep.failed, "start": t0, "end": time.time()}
+
+
+def pipeline_scaling(model_path: str | None, device: torch.device, quick: bool, kinds: list[str],
+                     procs_list: list[int], products: int | None = None) -> dict:
+    """Aggregate images/s of N inline pipeline processes on one device, each on its own slice of the
+    products (what ``styletag worker --bulk-procs N`` runs), from a common start."""
+    try:
+        import sqlalchemy  # noqa: F401
+    except ImportError:
+        return {"skipped": "SQLAlchemy is not installed here (see bench/gpu.sh --prepare)"}
+    if not model_path:
+        return {"skipped": "no checkpoint"}
+    import multiprocessing
+
+    n = products or (256 if quick else 8192)
+    tmp = Path(tempfile.mkdtemp(prefix="styletag-gpu-scaling-"))
+    spawn = multiprocessing.get_context("spawn")
+    out: dict = {"products": n, "cpu_cores": os.cpu_count()}
+    for kind in kinds:
+        store = tmp / f"images-{kind}"
+        _write_store(store, n, kind)
+        out[kind] = {}
+        for procs in procs_list:
+            per = n // procs
+            gate = tmp / f"go-{kind}-{procs}"
+            dbs = [str(tmp / f"{kind}-{procs}-{i}.db") for i in range(procs)]
+            with ProcessPoolExecutor(procs, mp_context=spawn) as pool:
+                futures = [pool.submit(_scaling_child, kind, str(store), dbs[i], i * per, per, model_path,
+                                       device.type, str(gate)) for i in range(procs)]
+                deadline = time.monotonic() + 300
+                while not all(Path(d + ".ready").exists() for d in dbs):
+                    if any(f.done() for f in futures) or time.monotonic() > deadline:
+                        break  # a child failed: its result() below raises
+                    time.sleep(0.01)
+                gate.touch()
+                results = [f.result() for f in futures]
+            wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+            total = sum(r["products"] for r in results)
+            out[kind][f"procs{procs}"] = {"img_s": total / wall, "products": total, "seconds": wall,
+                                          "per_process_img_s": [r["products"] / (r["end"] - r["start"])
+                                                                for r in results]}
+            log(f"pipeline {kind}, {procs} process(es): {total / wall:.0f} img/s together")
+        base = out[kind].get("procs1", {}).get("img_s")
+        if base:
+            for v in out[kind].values():
+                v["speedup_vs_1"] = v["img_s"] / base
+    return out
+
+
 def _sqlite_writes(tmp: Path, kind: str) -> str:
     from catalog.db import engine_for
     from catalog.schema import Base
@@ -289,7 +387,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="png28,jpeg512")
     ap.add_argument("--products", type=int, default=None, help="products per pipeline run")
     ap.add_argument("--images", type=int, default=None, help="JPEGs for the decoding comparison")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: model,decode,pipeline")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: model,decode,pipeline,scaling")
+    ap.add_argument("--procs", default="1,2,4", help="pipeline processes per device for the scaling part")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if cuda else "cpu")
@@ -309,6 +408,10 @@ def main(argv=None) -> int:
         res["jpeg_decoding"] = jpeg_decoding(device, quick, args.images)
     if "pipeline" not in skip:
         res["pipeline"] = pipeline_e2e(model_path, device, quick, args.kinds.split(","), args.products)
+    if "scaling" not in skip:
+        procs = [int(p) for p in args.procs.split(",") if p.strip()]
+        res["pipeline_scaling"] = pipeline_scaling(model_path, device, quick, args.kinds.split(","), procs,
+                                                   args.products)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)

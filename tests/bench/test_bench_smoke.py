@@ -42,7 +42,7 @@ def test_gpu_script_cpu_fallback_runs_every_part(tiny_checkpoint, tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu", "--quick", "--model", str(tiny_checkpoint),
-         "--kinds", "png28", "--products", "64", "--images", "16", "--out", str(tmp_path)],
+         "--kinds", "png28", "--products", "64", "--images", "16", "--procs", "1,2", "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,6 +57,9 @@ def test_gpu_script_cpu_fallback_runs_every_part(tiny_checkpoint, tmp_path):
     assert pipe["products"] == 64 and pipe["failed"] == 0
     assert pipe["img_s"] > 0 and 0 < pipe["ratio_to_bound"] and set(pipe["stage_rates"]) == {
         "fetch", "decode", "write", "model"}
+    scaling = res["pipeline_scaling"]["png28"]
+    assert [scaling[k]["products"] for k in ("procs1", "procs2")] == [64, 64]  # 2 processes x 32
+    assert len(scaling["procs2"]["per_process_img_s"]) == 2 and scaling["procs2"]["img_s"] > 0
 
 
 def test_summary_table_shows_met_missed_and_failed(tmp_path, monkeypatch):
