@@ -74,6 +74,11 @@ def _todo_query(run: TaggingRun, include_failed: bool):
     return query
 
 
+def count_products_to_tag(session: Session, run: TaggingRun, include_failed: bool = False) -> int:
+    """How many products ``iter_products_to_tag`` would yield now (one COUNT)."""
+    return int(session.scalar(select(func.count()).select_from(_todo_query(run, include_failed).subquery())) or 0)
+
+
 def iter_products_to_tag(
     session_factory: sessionmaker[Session], run: TaggingRun, page: int = 1000, include_failed: bool = False
 ) -> Iterator[list[int]]:

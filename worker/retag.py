@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from catalog.db import session_factory, session_scope
 from catalog.errors import NotFound, StyletagError
-from catalog.runs import create_run, get_run, iter_products_to_tag, run_as_dict
+from catalog.runs import count_products_to_tag, create_run, get_run, iter_products_to_tag, run_as_dict
 from catalog.schema import Product, TaggingRun, TagState
 from catalog.settings import Settings
 from catalog.tags import finish_run_if_complete
@@ -61,6 +61,12 @@ def mark_running(settings: Settings, run_id: int, *, retry_failed: bool = False)
         if run is None:
             raise NotFound(f"no run {run_id}")
         run.failed = run.failed - detached
+        if retry_failed:
+            # What a resume will send is what the run still has to do. Its total is recounted as done +
+            # failed + that, so products its producer never reached (it died mid-enqueue: the total
+            # grows page by page) are counted too. Writers wait on this row lock, so nothing is counted
+            # twice: a product being written now is either still to do here or already in ``done``.
+            run.total = run.done + run.failed + count_products_to_tag(session, run, include_failed=True)
         run.status = "running"
         run.finished_at = None
         finish_run_if_complete(session, run_id)

@@ -12,7 +12,7 @@ from catalog.db import session_factory, session_scope
 from catalog.errors import NotFound
 from catalog.runs import create_run, get_run, iter_products_to_tag, list_runs, run_as_dict, start_run
 from catalog.schema import Product
-from catalog.tags import ProductFailure, ProductTags, Tag, register_model, write_batch
+from catalog.tags import ProductFailure, ProductTags, Tag, finish_run_if_complete, register_model, write_batch
 
 MODEL = "m1"
 
@@ -92,3 +92,40 @@ def test_get_list_and_dict(cat):
             get_run(s, run.id + 1)
     with pytest.raises(ValueError), session_scope(cat.url) as s:
         create_run(s, "weekly", "all", MODEL)
+
+
+def test_resume_counts_what_a_dead_producer_never_enqueued(cat):
+    """The producer grows a run's total page by page; killed after the first page, the run's total is
+    short. ``retag --resume`` recounts it, so the run ends done only when every product is tagged."""
+    from dataclasses import replace
+
+    from catalog.settings import Settings
+    from worker.retag import enqueue_run
+    from worker.retag import start_run as start
+
+    settings = replace(Settings.from_env(), database_url=cat.url)
+    run_id = start(settings, scope="all", model_version=MODEL)
+    sent: list[int] = []
+
+    def dying(_run_id, ids):
+        if len(sent) >= 1000:
+            raise RuntimeError("producer killed")
+        sent.extend(ids)
+
+    with pytest.raises(RuntimeError):
+        enqueue_run(settings, run_id, chunk=500, send=dying)
+    with session_scope(cat.url) as s:
+        assert get_run(s, run_id).total == 2000  # two pages counted; the last 500 were never reached
+    _tag(cat.url, run_id, sent[:600], fail=set(sent[590:600]))  # workers did part of what was sent
+    resumed: list[int] = []
+    enqueue_run(settings, run_id, resume=True, chunk=500, send=lambda _r, ids: resumed.extend(ids))
+    with session_scope(cat.url) as s:
+        run = get_run(s, run_id)
+        assert (run.total, run.done, run.failed, run.status) == (2500, 590, 0, "running")
+    assert sorted(resumed) == sorted(set(cat.ids) - set(sent[:590]))  # the 10 failed are retried
+    _tag(cat.url, run_id, resumed)
+    with session_scope(cat.url) as s:
+        assert finish_run_if_complete(s, run_id)  # as the pipeline does after each batch
+    with session_scope(cat.url) as s:
+        run = get_run(s, run_id)
+        assert (run.total, run.done, run.failed, run.status) == (2500, 2500, 0, "done")
