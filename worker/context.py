@@ -42,7 +42,7 @@ class WorkerContext:
             # intra-op threads: torch's per-operator barriers stall whenever the OS preempts one of its
             # threads (decode threads, the database, a neighbour), which on a shared or small machine
             # cost 2x at batch 256 and 10x on small upload batches (docs/performance.md).
-            self.model_threads = threads or torch.get_num_threads()
+            self.model_threads = threads or _default_torch_threads()
             torch.set_num_threads(1)
         elif threads > 0:
             torch.set_num_threads(threads)
@@ -70,6 +70,20 @@ class WorkerContext:
             labels = sync_labels(session, p.taxonomy)
             register_model(session, p.model_version, p.trained_at, p.taxonomy.name, p.backbone)
         return labels
+
+
+_TORCH_DEFAULT_THREADS: int | None = None
+
+
+def _default_torch_threads() -> int:
+    """torch's own default intra-op thread count, read before any context set it to 1: a second context
+    in the same process (other settings) must not inherit the 1 and run its model on one core."""
+    global _TORCH_DEFAULT_THREADS
+    if _TORCH_DEFAULT_THREADS is None:
+        import torch
+
+        _TORCH_DEFAULT_THREADS = torch.get_num_threads()
+    return _TORCH_DEFAULT_THREADS
 
 
 def default_checkpoint():
