@@ -4,7 +4,6 @@ port, sharing one run (a real worker, PostgreSQL and Redis)."""
 from __future__ import annotations
 
 import socket
-import time
 from dataclasses import replace
 
 import pytest
@@ -22,6 +21,7 @@ from tests.ops.test_smoke import (
     samples,
     service_env,
     wait_http,
+    wait_run_done,
 )
 
 pytestmark = pytest.mark.slow
@@ -44,9 +44,7 @@ def _two_free_ports() -> int:
 
 
 def test_two_bulk_processes_share_a_run_and_each_serves_its_metrics(pg_url, tmp_path):
-    from catalog.db import session_scope
     from catalog.importers import import_fashion_mnist
-    from catalog.runs import get_run
     from tests.ops.test_smoke import http_get
     from worker.retag import start_run
 
@@ -68,13 +66,7 @@ def test_two_bulk_processes_share_a_run_and_each_serves_its_metrics(pg_url, tmp_
         urls = [f"http://127.0.0.1:{p}/metrics" for p in (port, port + 1)]
         for url in urls:
             wait_http(url, 180, worker)
-        deadline = time.monotonic() + 180
-        while True:
-            with session_scope(pg_url) as s:
-                if get_run(s, run_id).status == "done":
-                    break
-            assert time.monotonic() < deadline, worker.text()[-3000:]
-            time.sleep(0.2)
+        wait_run_done(pg_url, run_id, worker, 180)
         tagged = [metric(samples(http_get(url)), "styletag_products_tagged_total") for url in urls]
         assert sum(tagged) == run_counts(pg_url, run_id)[("tagged", None)] == N
         assert all(t > 0 for t in tagged), tagged  # both processes worked on the run

@@ -23,7 +23,15 @@ import redis
 
 from catalog.settings import Settings
 from tests.conftest import free_port, truncate_all
-from tests.ops.test_smoke import BIN, Proc, enqueue_run_on, run_counts, service_env, worker_ready
+from tests.ops.test_smoke import (
+    BIN,
+    Proc,
+    enqueue_run_on,
+    run_counts,
+    service_env,
+    wait_run_done,
+    worker_ready,
+)
 from worker.logs import JsonFormatter, ScrubFilter, configure_logging, scrub
 
 N_GOOD = 40
@@ -120,7 +128,6 @@ def private_redis(tmp_path):
 def test_worker_logs_json_lines_with_task_fields_and_no_secret(pg_url, private_redis, tmp_path):
     from catalog.db import session_scope
     from catalog.importers import import_fashion_mnist
-    from catalog.runs import get_run
     from catalog.schema import Product
     from worker.app import app
     from worker.retag import start_run
@@ -148,13 +155,7 @@ def test_worker_logs_json_lines_with_task_fields_and_no_secret(pg_url, private_r
         sent = enqueue_run_on(broker_url, settings, run_id, CHUNK)
         assert sent == N_GOOD + 1
         worker.wait_for(worker_ready(1), 180, "a ready worker")
-        deadline = time.monotonic() + 120
-        while True:
-            with session_scope(pg_url) as s:
-                if get_run(s, run_id).status == "done":
-                    break
-            assert time.monotonic() < deadline, worker.text()[-3000:]
-            time.sleep(0.2)
+        wait_run_done(pg_url, run_id, worker, 120)
         # A malformed message whose run id holds every secret: the worker logs what it refuses.
         poison = f"{aws_secret} {db_password} {db_url} {broker_url}"
         with app.connection_for_write(broker_url) as conn:

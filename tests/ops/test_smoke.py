@@ -178,6 +178,20 @@ def enqueue_run_on(broker_url: str, settings, run_id: int, chunk: int) -> int:
         return enqueue_run(settings, run_id, chunk=chunk, send=send)
 
 
+def wait_run_done(database_url: str, run_id: int, proc: Proc, timeout: float) -> None:
+    """Wait until the run's status is ``done``; on time-out, fail with the end of ``proc``'s log."""
+    from catalog.db import session_scope
+    from catalog.runs import get_run
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(database_url) as s:
+            if get_run(s, run_id).status == "done":
+                return
+        assert time.monotonic() < deadline, proc.text()[-3000:]
+        time.sleep(0.2)
+
+
 def run_counts(database_url: str, run_id: int) -> dict[tuple[str, str | None], int]:
     """(status, reason) -> products of the run, from tag_state."""
     from sqlalchemy import func, select
