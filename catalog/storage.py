@@ -248,10 +248,9 @@ def _s3_get_checked(loc: Location, max_bytes: int) -> tuple[bytes, int]:
         raise _s3_error(exc, loc.uri) from None
     body = resp["Body"]
     try:
-        total = int(resp.get("ContentLength") or 0)
-        content_range = str(resp.get("ContentRange") or "")
-        if "/" in content_range and content_range.rsplit("/", 1)[1].isdigit():
-            total = int(content_range.rsplit("/", 1)[1])  # a store that ignores Range sends it all: ContentLength
+        # "bytes 0-N/TOTAL"; a store that ignores Range sends the whole object: then ContentLength
+        size = str(resp.get("ContentRange") or "").rpartition("/")[2]
+        total = int(size) if size.isdigit() else int(resp.get("ContentLength") or 0)
         if total > max_bytes:
             return b"", total
         return body.read(max_bytes + 1), total
