@@ -103,17 +103,11 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json) -> Non
     from worker.retag import enqueue_run, run_inline, start_run, wait_for_run
 
     settings = _settings()
+    enqueued = False  # a nightly run not tagged inline comes back enqueued already
     if kind == "nightly" and resume is None:
         # The same guard as beat's: never two nightly runs at once (Redis lock + database claim).
         run_id = _start_nightly_from_cli(settings, scope, inline, chunk, as_json)
-        if not inline:
-            if wait:
-                wait_for_run(settings, run_id, progress=True, timeout=timeout)
-            with session_scope(settings.database_url) as session:
-                info = run_as_dict(get_run(session, run_id))
-            if as_json or wait:
-                click.echo(json.dumps(info) if as_json else _run_line(info))
-            return
+        enqueued = not inline
     else:
         run_id = resume if resume is not None else start_run(settings, scope=scope, kind=kind)
     if resume is not None:
@@ -125,7 +119,7 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json) -> Non
             rate = report.products / report.wall_s if report.wall_s else 0.0
             click.echo(f"run {run_id}: {report.tagged} tagged, {report.failed} failed in {report.wall_s:.1f}s "
                        f"({rate:.0f} images/s)", err=as_json)
-        else:
+        elif not enqueued:
             sent = enqueue_run(settings, run_id, resume=resume is not None, chunk=chunk, progress=False)
             click.echo(f"run {run_id}: enqueued {sent} products", err=as_json)
     except BaseException:
@@ -226,11 +220,9 @@ def beat_cmd(loglevel, schedule_file) -> None:
 @click.option("--port", type=int, default=9108, show_default=True)
 def metrics_cmd(port) -> None:
     """Serve deployment metrics (queue depth per queue, counters of unfinished runs) for Prometheus."""
-    from worker.app import sentinel_options
     from worker.metrics import serve_exporter
 
-    settings = _settings()
-    serve_exporter(port, settings.broker_url, settings.database_url, sentinel_options(settings))
+    serve_exporter(port, _settings())
 
 
 def _one_line(exc: BaseException) -> str:

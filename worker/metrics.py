@@ -84,18 +84,16 @@ def observe_batch(report) -> None:
         IMAGES_PER_SECOND.set(report.size / wall)
 
 
-def queue_depths(broker_url: str, queues=QUEUES, timeout: float = 2.0, *,
-                 transport_options: dict | None = None) -> tuple[dict[str, int], int | None]:
+def queue_depths(settings, queues=QUEUES, timeout: float = 2.0) -> tuple[dict[str, int], int | None]:
     """Messages waiting per queue (every priority level counted) and, on Redis, messages delivered but
-    not yet acknowledged. Through the Celery app's connection, so Sentinel URLs work too (with the
-    ``master_name`` in ``transport_options``, see ``worker.app.sentinel_options``)."""
+    not yet acknowledged, on ``settings``' broker. Through ``worker.app.broker_connection``, so Sentinel
+    URLs work too."""
     from kombu.exceptions import ChannelError
 
-    from worker.app import app
+    from worker.app import broker_connection
 
     depths: dict[str, int] = {}
-    with app.connection_for_read(broker_url, connect_timeout=timeout,
-                                 transport_options=transport_options or {}) as conn:
+    with broker_connection(settings, read=True, connect_timeout=timeout) as conn:
         channel = conn.default_channel
         for q in queues:
             try:
@@ -112,10 +110,8 @@ def queue_depths(broker_url: str, queues=QUEUES, timeout: float = 2.0, *,
 class DeploymentCollector:
     """Queue depth per queue and counters of unfinished runs, read at scrape time."""
 
-    def __init__(self, broker_url: str, database_url: str, transport_options: dict | None = None):
-        self.broker_url = broker_url
-        self.database_url = database_url
-        self.transport_options = transport_options or {}
+    def __init__(self, settings):
+        self.settings = settings
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
@@ -124,7 +120,7 @@ class DeploymentCollector:
         unacked = GaugeMetricFamily("styletag_unacked_messages", "Messages delivered to workers, not yet acked")
         broker_up = GaugeMetricFamily("styletag_broker_up", "1 when the broker answered this scrape")
         try:
-            depths, n_unacked = queue_depths(self.broker_url, transport_options=self.transport_options)
+            depths, n_unacked = queue_depths(self.settings)
             for q, n in depths.items():
                 depth.add_metric([q], n)
             if n_unacked is not None:
@@ -151,7 +147,7 @@ class DeploymentCollector:
             from catalog.schema import TaggingRun
 
             now = datetime.now(UTC)
-            with session_scope(self.database_url) as s:
+            with session_scope(self.settings.database_url) as s:
                 for r in s.scalars(select(TaggingRun).where(TaggingRun.status.in_(("enqueuing", "running")))):
                     for name in ("total", "done", "failed"):
                         runs.add_metric([str(r.id), r.kind, name], getattr(r, name))
@@ -166,10 +162,10 @@ class DeploymentCollector:
         yield db_up
 
 
-def serve_exporter(port: int, broker_url: str, database_url: str, transport_options: dict | None = None) -> None:
+def serve_exporter(port: int, settings) -> None:
     from prometheus_client import REGISTRY
 
-    REGISTRY.register(DeploymentCollector(broker_url, database_url, transport_options))
+    REGISTRY.register(DeploymentCollector(settings))
     start_http_server(port, addr=_addr())
     log.info("metrics exporter on %s:%d", _addr(), port)
     while True:

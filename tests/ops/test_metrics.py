@@ -168,7 +168,7 @@ def test_exporter_answers_when_the_broker_is_away(stack):
     from worker.metrics import DeploymentCollector
 
     registry = CollectorRegistry()
-    registry.register(DeploymentCollector(f"redis://127.0.0.1:{free_port()}/0", stack["db"]))
+    registry.register(DeploymentCollector(replace(stack["settings"], broker_url=f"redis://127.0.0.1:{free_port()}/0")))
     parsed = samples(generate_latest(registry).decode())
     assert metric(parsed, "styletag_broker_up") == 0 and not has_metric(parsed, "styletag_queue_depth")
     assert metric(parsed, "styletag_database_up") == 1

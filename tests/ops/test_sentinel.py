@@ -201,7 +201,7 @@ def test_sentinel_needs_its_own_password(sentinel_settings):
 
 @pytest.mark.slow
 def test_celery_publishes_through_sentinel_and_the_exporter_counts_it(sentinel_settings):
-    from worker.app import BULK_QUEUE, make_app, sentinel_options
+    from worker.app import BULK_QUEUE, make_app
     from worker.metrics import queue_depths
 
     settings, master = sentinel_settings
@@ -216,6 +216,6 @@ def test_celery_publishes_through_sentinel_and_the_exporter_counts_it(sentinel_s
     message = json.loads(raw[0])
     assert message["headers"]["task"] == "styletag.tag_products"
 
-    depths, unacked = queue_depths(settings.broker_url, transport_options=sentinel_options(settings))
+    depths, unacked = queue_depths(settings)
     assert depths[BULK_QUEUE] == 1
     assert unacked == 0
