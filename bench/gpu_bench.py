@@ -187,11 +187,8 @@ def pipeline_e2e(model_path: str | None, device: torch.device, quick: bool, kind
         return {"skipped": msg}
     if not model_path:
         return {"skipped": "no checkpoint"}
-    from sqlalchemy import insert
 
     from bench.stages import decode_rate, fetch_rate, write_rate
-    from catalog.db import engine_for
-    from catalog.schema import Base, Product
     from catalog.settings import Settings
     from catalog.storage import ImageReader
     from worker.context import get_context, reset_context
@@ -202,20 +199,9 @@ def pipeline_e2e(model_path: str | None, device: torch.device, quick: bool, kind
     tmp = Path(tempfile.mkdtemp(prefix="styletag-gpu-"))
     os.environ["STYLETAG_DEVICE"] = device.type
     for kind in kinds:
-        size, fmt = (28, "png") if kind == "png28" else (512, "jpeg")
         store = tmp / f"images-{kind}"
-        store.mkdir()
-        blobs = synth_many(min(n, 1024), size, fmt)
-        uris = []
-        for i in range(n):
-            path = store / f"{i:06d}.{'png' if fmt == 'png' else 'jpg'}"
-            path.write_bytes(blobs[i % len(blobs)])
-            uris.append(path.as_uri())
-        url = f"sqlite:///{tmp / f'{kind}.db'}"
-        Base.metadata.create_all(engine_for(url))  # no Alembic here: the ORM's schema is the same
-        with engine_for(url).begin() as conn:
-            conn.execute(insert(Product.__table__), [
-                {"sku": f"gpu-{i:06d}", "title": "", "image_uri": u, "image_version": "v1"} for i, u in enumerate(uris)])
+        uris = _write_store(store, n, kind)
+        url = _sqlite_catalog(str(tmp / f"{kind}.db"), uris)
         from dataclasses import replace
 
         settings = replace(Settings.from_env(), database_url=url, store_url=store.as_uri(), model_path=model_path,
@@ -238,7 +224,7 @@ def pipeline_e2e(model_path: str | None, device: torch.device, quick: bool, kind
         rates = {
             "fetch": fetch_rate(reader, sample, settings.fetch_threads),
             "decode": decode_rate(data, pred.input_size, pred.channels, threads=settings.fetch_threads),
-            "write": write_rate(_sqlite_writes(tmp, kind), min(n, 4096), bs)["retag"],
+            "write": write_rate(_sqlite_catalog(str(tmp / f"{kind}-writes.db"), []), min(n, 4096), bs)["retag"],
         }
         cpu_bound = 1.0 / sum(1.0 / r for r in rates.values())
         bound = min(model_rate, cpu_bound) if device.type == "cuda" else 1.0 / (1.0 / cpu_bound + 1.0 / model_rate)
@@ -258,37 +244,51 @@ def pipeline_e2e(model_path: str | None, device: torch.device, quick: bool, kind
 # --- 4. several pipeline processes per device (``styletag worker --bulk-procs N``) -------------------
 
 
-def _write_store(store: Path, n: int, kind: str) -> None:
+def _write_store(store: Path, n: int, kind: str) -> list[str]:
+    """``n`` synthesised images of ``kind`` (1,024 distinct ones, repeated) in a folder; their URIs."""
     size, fmt = (28, "png") if kind == "png28" else (512, "jpeg")
     store.mkdir(parents=True, exist_ok=True)
     blobs = synth_many(min(n, 1024), size, fmt)
+    uris = []
     for i in range(n):
-        (store / f"{i:06d}.{'png' if fmt == 'png' else 'jpg'}").write_bytes(blobs[i % len(blobs)])
+        path = store / f"{i:06d}.{'png' if fmt == 'png' else 'jpg'}"
+        path.write_bytes(blobs[i % len(blobs)])
+        uris.append(path.as_uri())
+    return uris
 
 
-def _scaling_child(kind: str, store: str, db: str, offset: int, count: int, model_path: str, device: str,
-                   gate: str) -> dict:
-    """One pipeline process: its own SQLite catalog of ``count`` products (a slice of the shared store),
-    warmed up, then ``retag --all --inline`` once the parent opens the gate."""
-    os.environ["STYLETAG_DEVICE"] = device
-    from dataclasses import replace
-
+def _sqlite_catalog(db: str, uris: list[str], first: int = 0) -> str:
+    """A SQLite catalog of one product per URI (SKUs numbered from ``first``; none: an empty catalog for
+    the write stage); its URL."""
     from sqlalchemy import insert
 
     from catalog.db import engine_for
     from catalog.schema import Base, Product
+
+    url = f"sqlite:///{db}"
+    Base.metadata.create_all(engine_for(url))  # no Alembic here: the ORM's schema is the same
+    if not uris:
+        return url
+    with engine_for(url).begin() as conn:
+        conn.execute(insert(Product.__table__), [
+            {"sku": f"gpu-{first + i:06d}", "title": "", "image_uri": u, "image_version": "v1"}
+            for i, u in enumerate(uris)])
+    return url
+
+
+def _scaling_child(store: str, db: str, uris: list[str], first: int, model_path: str, device: str,
+                   gate: str) -> dict:
+    """One pipeline process: its own SQLite catalog of ``uris`` (a slice of the shared store), warmed up,
+    then ``retag --all --inline`` once the parent opens the gate."""
+    os.environ["STYLETAG_DEVICE"] = device
+    from dataclasses import replace
+
     from catalog.settings import Settings
     from worker.context import get_context, reset_context
     from worker.retag import run_inline, start_run
 
-    ext = "png" if kind == "png28" else "jpg"
     store_uri = Path(store).as_uri()
-    url = f"sqlite:///{db}"
-    Base.metadata.create_all(engine_for(url))
-    with engine_for(url).begin() as conn:
-        conn.execute(insert(Product.__table__), [
-            {"sku": f"gpu-{i:06d}", "title": "", "image_uri": f"{store_uri}/{i:06d}.{ext}", "image_version": "v1"}
-            for i in range(offset, offset + count)])
+    url = _sqlite_catalog(db, uris, first)
     settings = replace(Settings.from_env(), database_url=url, store_url=store_uri, model_path=model_path,
                        allowed_image_prefixes=(store_uri + "/",))
     reset_context()
@@ -322,15 +322,15 @@ def pipeline_scaling(model_path: str | None, device: torch.device, quick: bool, 
     out: dict = {"products": n, "cpu_cores": os.cpu_count()}
     for kind in kinds:
         store = tmp / f"images-{kind}"
-        _write_store(store, n, kind)
+        uris = _write_store(store, n, kind)
         out[kind] = {}
         for procs in procs_list:
             per = n // procs
             gate = tmp / f"go-{kind}-{procs}"
             dbs = [str(tmp / f"{kind}-{procs}-{i}.db") for i in range(procs)]
             with ProcessPoolExecutor(procs, mp_context=spawn) as pool:
-                futures = [pool.submit(_scaling_child, kind, str(store), dbs[i], i * per, per, model_path,
-                                       device.type, str(gate)) for i in range(procs)]
+                futures = [pool.submit(_scaling_child, str(store), dbs[i], uris[i * per:(i + 1) * per], i * per,
+                                       model_path, device.type, str(gate)) for i in range(procs)]
                 deadline = time.monotonic() + 300
                 while not all(Path(d + ".ready").exists() for d in dbs):
                     if any(f.done() for f in futures) or time.monotonic() > deadline:
@@ -349,15 +349,6 @@ def pipeline_scaling(model_path: str | None, device: torch.device, quick: bool, 
             for v in out[kind].values():
                 v["speedup_vs_1"] = v["img_s"] / base
     return out
-
-
-def _sqlite_writes(tmp: Path, kind: str) -> str:
-    from catalog.db import engine_for
-    from catalog.schema import Base
-
-    url = f"sqlite:///{tmp / f'{kind}-writes.db'}"
-    Base.metadata.create_all(engine_for(url))
-    return url
 
 
 def cpu_name() -> str:
