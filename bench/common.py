@@ -313,9 +313,13 @@ def ensure_catalog(kind: str, n: int, db_url: str | None = None) -> tuple[str, s
     store_url = store.resolve().as_uri()
     with session_scope(url) as s:
         have = s.execute(select(func.count()).select_from(Product)).scalar()
+        # The database outlives a checkout: one imported from another clone points at that clone's store,
+        # whose images this checkout's prefix refuses. Re-importing points every product here.
+        foreign = s.execute(select(func.count()).select_from(Product)
+                            .where(Product.image_uri.not_like(store_url + "/%"))).scalar()
     files = store / "fmnist" / "test"
     n_files = sum(1 for _ in files.iterdir()) if files.is_dir() else 0
-    if have < n or n_files < n:
+    if have < n or n_files < n or foreign:
         log(f"importing {n} Fashion-MNIST products as {kind} into {url.rsplit('/', 1)[-1]}")
         import_fashion_mnist(url, store_url, "test", limit=n, size=spec["size"], fmt=spec["fmt"], progress=False)
     return url, store_url
