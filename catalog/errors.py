@@ -1,22 +1,17 @@
 """Typed errors. Each one carries a single line that tells the user what went wrong and what to do.
 
-The CLI prints ``error: <message>`` and exits with ``exit_code``; nothing here ever shows a traceback.
+The base class and the model's errors live in ``model.errors`` (one family); the CLI prints
+``error: <message>`` and exits with ``exit_code``; nothing here ever shows a traceback.
 """
 
 from __future__ import annotations
 
+from model.errors import BadImage, DatasetMissing, StyletagError, TaxonomyError
 
-class StyletagError(Exception):
-    """Base for every error a user may see; ``exit_code`` is the CLI's exit status."""
-
-    exit_code = 1
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+__all__ = [
+    "BadImage", "ConfigError", "DatasetMissing", "ForbiddenURI", "NotFound", "ObjectMissing", "ObjectTooLarge",
+    "ServiceUnavailable", "StorageError", "StyletagError", "TaxonomyError", "TaxonomyMismatch", "TransientStorageError",
+]
 
 
 class ConfigError(StyletagError):
@@ -31,10 +26,6 @@ class NotFound(StyletagError):
     """An unknown SKU, style, run or product."""
 
     exit_code = 2
-
-
-class DatasetMissing(StyletagError):
-    """A dataset's files are not on disk."""
 
 
 class StorageError(StyletagError):
@@ -55,10 +46,6 @@ class ObjectTooLarge(StorageError):
 
 class TransientStorageError(StorageError, ServiceUnavailable):
     """A storage error that may go away (timeouts, 5xx, throttling); retried with backoff."""
-
-
-class BadImage(StyletagError):
-    """Bytes that are not a decodable image, or one refused by the size and pixel limits."""
 
 
 class TaxonomyMismatch(StyletagError):

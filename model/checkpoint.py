@@ -22,14 +22,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ModelError
+from .errors import CheckpointError
 
 META_KEY = "styletag"
 REQUIRED = ("taxonomy", "backbone", "input_size", "channels", "mean", "std", "model_version")
-
-
-class CheckpointError(ModelError):
-    """A checkpoint is missing, not safetensors, a pickle, malformed or tampered with."""
 
 
 def tensors_of(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

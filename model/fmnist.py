@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DatasetMissing
+
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -17,7 +19,7 @@ SPLIT_FILES = {
 CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 
 
-class FashionMNISTMissing(FileNotFoundError):
+class FashionMNISTMissing(DatasetMissing, FileNotFoundError):
     """The IDX files are not there; the message names the Debian package."""
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import load_checkpoint
 from .consistency import child_mask, decode_multi, decode_single, parent_index
 from .data import fit_channels, to_input
+from .errors import CheckpointError, TaxonomyError
 from .net import build_model
-from .taxonomy import Taxonomy, TaxonomyError
+from .taxonomy import Taxonomy
 from .train import DEFAULT_THRESHOLDS, pick_device
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from .errors import TaxonomyError
+
+__all__ = ["Level", "Taxonomy", "TaxonomyError", "load_taxonomy"]
+
 TAXONOMY_DIR = Path(__file__).parent / "taxonomies"
-
-
-class TaxonomyError(ValueError):
-    """A taxonomy file is malformed; the message says which label or field is wrong."""
 
 
 @dataclass(frozen=True)

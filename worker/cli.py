@@ -34,6 +34,17 @@ COMMANDS = {
 
 
 class LazyGroup(click.Group):
+    """Sub-commands imported on first use; every error a sub-command raises becomes a :class:`UserError`
+    (also under click's test runner, which calls the group, not :func:`main`)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt, BrokenPipeError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
+            raise user_error(exc) from None
+
     def list_commands(self, ctx):
         return sorted(COMMANDS)
 
@@ -230,19 +241,20 @@ def _one_line(exc: BaseException) -> str:
     return text[0][:300] if text else exc.__class__.__name__
 
 
-KNOWN_ERRORS = {"CheckpointError", "TaxonomyError", "FashionMNISTMissing", "ModelError", "TaxonomyMismatch"}
+class UserError(click.ClickException):
+    """What the user sees of any failure: ``error: <one line>`` on stderr, secrets masked, and the exit code."""
 
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(" ".join(str(message).split()) or "unknown error")  # one line, whatever it held
+        self.exit_code = exit_code
 
-def _fail(message: str, code: int = 1) -> None:
-    """Print ``error: <one line>`` on stderr, secrets masked, and exit with ``code``."""
-    from worker.logs import scrub
+    def show(self, file=None) -> None:
+        from worker.logs import scrub
 
-    line = " ".join(str(message).split()) or "unknown error"  # one line, whatever the message held
-    try:
-        click.echo(f"error: {scrub(line)}", err=True)
-    except Exception:  # noqa: BLE001, S110 - stderr gone (closed pipe): the exit code still says it
-        pass
-    sys.exit(code)
+        try:
+            click.echo(f"error: {scrub(self.message)}", err=True)
+        except Exception:  # noqa: BLE001, S110 - stderr gone (closed pipe): the exit code still says it
+            pass
 
 
 def _setting(name: str) -> str:
@@ -280,38 +292,43 @@ def _is_broker_error(exc: BaseException) -> bool:
     return bool(kinds) and isinstance(exc, tuple(kinds))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: map every failure to one line on stderr (``error: ...``, secrets masked) and a
-    non-zero exit code; a traceback only with ``--log-level DEBUG``, through the scrubbed log."""
+def user_error(exc: Exception) -> click.ClickException:
+    """Map any failure to what the user sees, by type: a StyletagError says its own line; database and
+    broker errors name the setting to check; anything else is 'unexpected' (details with DEBUG logging)."""
     from sqlalchemy.exc import DBAPIError
 
+    if isinstance(exc, click.ClickException):
+        return exc
+    if isinstance(exc, StyletagError):
+        return UserError(exc.message, exc.exit_code)
+    logging.getLogger("styletag").debug("error", exc_info=exc)
+    if isinstance(exc, DBAPIError):
+        return UserError(_database_error(exc))
+    if _is_broker_error(exc):
+        return UserError(f"broker {_setting('broker_url')} unreachable ({_one_line(exc)}); check STYLETAG_BROKER_URL")
+    return UserError(f"unexpected {exc.__class__.__name__}: {_one_line(exc)} (run with --log-level DEBUG for details)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every failure is one line on stderr (``error: ...``, secrets masked) and a non-zero
+    exit code; a traceback only with ``--log-level DEBUG``, through the scrubbed log."""
     try:
         cli.main(args=argv, prog_name="styletag", standalone_mode=False)
-    except StyletagError as exc:
-        _fail(exc.message, exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        _fail("aborted", 130)
-    except click.UsageError as exc:
-        exc.show()  # a usage error: click's own "Usage: ... Error: ..." text
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # model errors (model/errors.py) are ClickExceptions
-        _fail(exc.format_message(), exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # usage errors show click's own text; ours "error: ..."
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        UserError("aborted").show()
+        sys.exit(130)
     except BrokenPipeError:  # stdout piped into head: nothing left to say, and no flush error at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    except DBAPIError as exc:
-        logging.getLogger("styletag").debug("database error", exc_info=True)
-        _fail(_database_error(exc))
-    except Exception as exc:  # noqa: BLE001 - the one place every other error becomes one line
-        logging.getLogger("styletag").debug("error", exc_info=True)
-        name = exc.__class__.__name__
-        if name in KNOWN_ERRORS or any(c.__name__ in KNOWN_ERRORS for c in type(exc).__mro__):
-            _fail(_one_line(exc))
-        if _is_broker_error(exc):
-            _fail(f"broker {_setting('broker_url')} unreachable ({_one_line(exc)}); check STYLETAG_BROKER_URL")
-        _fail(f"unexpected {name}: {_one_line(exc)} (run with --log-level DEBUG for details)")
+    except Exception as exc:  # noqa: BLE001 - raised outside a command (option parsing callbacks)
+        err = user_error(exc)
+        err.show()
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,34 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from model.cli import eval_cmd, train_cmd
+from worker.cli import cli
+
+
+class _Styletag:
+    """``styletag train|eval ...`` through the real command group (its error mapping included)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, args, **kwargs):
+        return CliRunner().invoke(cli, [self.name, *args], **kwargs)
+
+
+train_cmd, eval_cmd = _Styletag("train"), _Styletag("eval")
 
 
 @pytest.mark.usefixtures("fmnist")
 def test_train_then_eval(tmp_path):
     out = tmp_path / "m.safetensors"
-    r = CliRunner().invoke(train_cmd, ["--backbone", "resnet-tiny", "--epochs", "1", "--limit", "256", "--batch-size",
+    r = train_cmd(["--backbone", "resnet-tiny", "--epochs", "1", "--limit", "256", "--batch-size",
                                        "64", "--val-limit", "100", "--out", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert out.is_file() and "model_version" in r.output
-    r = CliRunner().invoke(eval_cmd, ["--checkpoint", str(out), "--limit", "300", "--json"])
+    r = eval_cmd(["--checkpoint", str(out), "--limit", "300", "--json"])
     assert r.exit_code == 0, r.output
     m = json.loads(r.output)
     assert m["n"] == 300 and m["consistency"] == 1.0 and "per_class" in m
-    r = CliRunner().invoke(eval_cmd, ["--checkpoint", str(out), "--limit", "100"])
+    r = eval_cmd(["--checkpoint", str(out), "--limit", "100"])
     assert r.exit_code == 0 and "fine_top1" in r.output
 
 
@@ -30,14 +43,14 @@ def _one_line_error(result):
 
 
 def test_user_errors_are_one_line(tmp_path):
-    r = CliRunner().invoke(eval_cmd, ["--checkpoint", str(tmp_path / "none.safetensors")])
+    r = eval_cmd(["--checkpoint", str(tmp_path / "none.safetensors")])
     assert "not found" in _one_line_error(r)
-    r = CliRunner().invoke(train_cmd, ["--source", str(tmp_path), "--out", str(tmp_path / "x.safetensors")])
+    r = train_cmd(["--source", str(tmp_path), "--out", str(tmp_path / "x.safetensors")])
     assert "dataset-fashion-mnist" in _one_line_error(r)
-    r = CliRunner().invoke(train_cmd, ["--backbone", "resnet18", "--pretrained", "--source", str(tmp_path),
+    r = train_cmd(["--backbone", "resnet18", "--pretrained", "--source", str(tmp_path),
                                        "--out", str(tmp_path / "x.safetensors")],
                            env={"TORCH_HOME": str(tmp_path / "hub")})
     line = _one_line_error(r)
     assert "not in the local cache" in line
-    r = CliRunner().invoke(train_cmd, ["--backbone", "vgg", "--out", str(tmp_path / "x.safetensors")])
+    r = train_cmd(["--backbone", "vgg", "--out", str(tmp_path / "x.safetensors")])
     assert "unknown backbone" in _one_line_error(r)
