@@ -30,7 +30,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 demo: setup
-	$(BIN)/python -m worker.demo
+	$(BIN)/python -m worker.ops.demo
 
 bench: setup
 	$(BIN)/python -m bench.run_all

@@ -510,7 +510,7 @@ def _utc(dt: datetime) -> datetime:
 def celery_retag(db_url: str, settings, *, timeout: float = 900, chunk: int = 1024) -> dict:
     """``retag --all`` through the broker (a worker must be serving ``bulk``): enqueue, wait, and
     report the rate from the run's own timestamps (enqueue start to last write)."""
-    from worker.retag import enqueue_run, start_run
+    from worker.producers.retag import enqueue_run, start_run
 
     run_id = start_run(settings, scope="all")
     enqueue_run(settings, run_id, chunk=chunk)
@@ -524,7 +524,7 @@ def celery_retag(db_url: str, settings, *, timeout: float = 900, chunk: int = 10
 def inline_retag(settings) -> dict:
     """``retag --all --inline``: the same pipeline in this process."""
     from worker.context import get_context
-    from worker.retag import run_inline, start_run
+    from worker.producers.retag import run_inline, start_run
 
     get_context(settings)  # warm: the model loads outside the timing, as in a running worker
     _ = get_context(settings).labels

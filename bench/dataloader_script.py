@@ -55,8 +55,8 @@ def main() -> None:
     from sqlalchemy.dialects.postgresql import insert
 
     from catalog.labels import sync_labels
+    from catalog.models import register_model
     from catalog.schema import Product, ProductStyle, TagState
-    from catalog.tags import register_model
     from model.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(args.model, device="cpu", batch_size=args.batch)

@@ -192,7 +192,7 @@ def pipeline_e2e(model_path: str | None, device: torch.device, quick: bool, kind
     from catalog.settings import Settings
     from catalog.storage import ImageReader
     from worker.context import get_context, reset_context
-    from worker.retag import run_inline, start_run
+    from worker.producers.retag import run_inline, start_run
 
     out: dict = {}
     n = products or (256 if quick else 8192)
@@ -285,7 +285,7 @@ def _scaling_child(store: str, db: str, uris: list[str], first: int, model_path:
 
     from catalog.settings import Settings
     from worker.context import get_context, reset_context
-    from worker.retag import run_inline, start_run
+    from worker.producers.retag import run_inline, start_run
 
     store_uri = Path(store).as_uri()
     url = _sqlite_catalog(db, uris, first)

@@ -30,8 +30,8 @@ def _setup() -> dict:
 
     from catalog.db import session_scope
     from catalog.labels import sync_labels
+    from catalog.models import register_model
     from catalog.storage import ImageReader
-    from catalog.tags import register_model
     from model.predictor import Predictor
 
     torch.set_num_threads(int(os.environ.get("STYLETAG_TORCH_THREADS", "1")))

@@ -25,7 +25,7 @@ def child(db_url: str) -> None:
     import redis
 
     from catalog.settings import Settings
-    from worker.retag import enqueue_run, start_run
+    from worker.producers.retag import enqueue_run, start_run
 
     settings = Settings.from_env()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -25,7 +25,7 @@ def build_catalog(n: int, db_name: str = DB) -> str:
 
     from catalog.db import engine_for, session_scope
     from catalog.labels import sync_labels
-    from catalog.tags import register_model
+    from catalog.models import register_model
     from model.taxonomy import load_taxonomy
 
     url = C.pg_database(db_name)

@@ -126,8 +126,8 @@ def write_catalog(url: str, n: int) -> tuple[list[int], object, str]:
 
     from catalog.db import session_scope
     from catalog.labels import sync_labels
+    from catalog.models import register_model
     from catalog.schema import Product
-    from catalog.tags import register_model
     from model.taxonomy import load_taxonomy
 
     with session_scope(url) as s:
@@ -148,8 +148,8 @@ def write_rate(url: str, n: int, batch: int = 256, tags_per_product: int = 4, pa
     """Products/s through the pipeline's write (one transaction per batch, run counters, finish check).
     Pass 1 writes into empty tables, pass 2 re-tags the same products (the nightly case)."""
     from catalog.db import session_scope
-    from catalog.runs import create_run
-    from catalog.tags import finish_run_if_complete, write_batch
+    from catalog.runs import create_run, finish_if_complete
+    from catalog.tags import write_batch
 
     ids, labels, version = write_catalog(url, n)
     C.reset_tags(url)
@@ -162,7 +162,7 @@ def write_rate(url: str, n: int, batch: int = 256, tags_per_product: int = 4, pa
         for i in range(0, len(tagged), batch):
             with session_scope(url) as s:
                 write_batch(s, run_id=run_id, model_version=version, tagged=tagged[i : i + batch], failed=[])
-                finish_run_if_complete(s, run_id)
+                finish_if_complete(s, run_id)
         out["first" if p == 0 else "retag"] = len(tagged) / (time.perf_counter() - t0)
     return out
 

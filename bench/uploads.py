@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     C.apply_env(env)
     settings = C.settings_for(db, store, model)
     from worker.app import UPLOAD_FLUSH_EVERY, UPLOAD_FLUSH_INTERVAL
-    from worker.uploads import enqueue_upload_ids
+    from worker.producers.uploads import enqueue_upload_ids
 
     res = C.Result(NAME, "Upload latency and burst throughput vs bulk")
     res.parameters = {"lone_uploads": n_lone, "burst": n_burst, "kind": "png28",

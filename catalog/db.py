@@ -19,7 +19,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from catalog.errors import ConfigError
-from catalog.settings import env_flag, redact_url
+from catalog.settings import Settings, redact_url
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
@@ -62,7 +62,7 @@ def make_engine(url: str, *, pgbouncer: bool | None = None, **kwargs) -> Engine:
         kwargs.setdefault("pool_size", 5)
         connect_args = {"connect_timeout": 10, **(kwargs.pop("connect_args", None) or {})}
         if pgbouncer is None:
-            pgbouncer = env_flag("STYLETAG_DB_PGBOUNCER")
+            pgbouncer = Settings.from_env().db_pgbouncer
         if pgbouncer and url.startswith("postgresql+psycopg:"):
             connect_args["prepare_threshold"] = None
         return create_engine(url, connect_args=connect_args, **kwargs)
@@ -103,3 +103,18 @@ def read_connection(url: str) -> Iterator[Connection]:
     (or SQLite write lock) held between requests. Keep it open across requests."""
     with engine_for(url).connect() as conn:
         yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def dialect_insert(session: Session | Connection, table):
+    """The dialect's INSERT (with ``on_conflict_do_nothing`` / ``on_conflict_do_update``) for ``table`` (a
+    Table or a mapped class): the one place that knows which databases styletag supports."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    bind = session.get_bind() if isinstance(session, Session) else session
+    table = getattr(table, "__table__", table)
+    name = bind.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise ConfigError(f"unsupported database dialect {name!r}; use PostgreSQL or SQLite")

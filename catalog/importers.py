@@ -16,15 +16,13 @@ from datetime import UTC, datetime
 
 import numpy as np
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
 
-from catalog.db import session_scope
-from catalog.errors import DatasetMissing, ObjectMissing, StyletagError
+from catalog.db import dialect_insert, session_scope
+from catalog.errors import ObjectMissing, StyletagError
 from catalog.labels import sync_labels
 from catalog.schema import Product, StyleTruth
 from catalog.storage import Store, open_store
-from model.fmnist import CLASSES, FashionMNISTMissing, load_split
+from model.fmnist import CLASSES, load_split
 from model.taxonomy import load_taxonomy
 
 TAXONOMY = "fashion-mnist"
@@ -66,15 +64,6 @@ def encode_image(pixels: np.ndarray, size: int = 28, fmt: str = "png") -> bytes:
     return buf.getvalue()
 
 
-def _insert(session: Session, table):
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert(table)
-    if name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"unsupported database dialect {name!r}")
-
-
 def _store_image(store: Store, key: str, data: bytes, content_type: str) -> tuple[str, bool]:
     """Write unless the store already holds these exact bytes; (version, written)."""
     version = hashlib.md5(data, usedforsecurity=False).hexdigest()
@@ -108,9 +97,7 @@ def import_fashion_mnist(
     if limit is not None and limit < 0:
         raise StyletagError("--limit must not be negative")
     try:
-        images, labels = load_split(split, source)
-    except FashionMNISTMissing as exc:
-        raise DatasetMissing(f"{exc} (Debian package dataset-fashion-mnist)") from None
+        images, labels = load_split(split, source)  # a missing dataset is a DatasetMissing naming the package
     except ValueError as exc:
         raise StyletagError(str(exc)) from None
     n = len(labels) if limit is None else min(limit, len(labels))
@@ -176,7 +163,7 @@ def _upsert_batch(session, report, store, idx, skus, keys, versions, labels, cla
     if new_rows:
         # ON CONFLICT: a concurrent import of the same split may have inserted some meanwhile.
         result = session.execute(
-            _insert(session, products).on_conflict_do_nothing(index_elements=["sku"]).returning(products.c.id),
+            dialect_insert(session, products).on_conflict_do_nothing(index_elements=["sku"]).returning(products.c.id),
             new_rows,
         )
         report.inserted += len(result.all())
@@ -203,5 +190,5 @@ def _upsert_batch(session, report, store, idx, skus, keys, versions, labels, cla
             {"product_id": pid, "label_id": coarse_ids[c], "source": TAXONOMY, "created_at": now} for c in parents[f]
         )
     if truth:
-        session.execute(_insert(session, StyleTruth.__table__).on_conflict_do_nothing(), truth)
+        session.execute(dialect_insert(session, StyleTruth).on_conflict_do_nothing(), truth)
         report.truth_inserted += len(truth)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from catalog.db import dialect_insert
 from catalog.errors import NotFound, TaxonomyMismatch
 from catalog.schema import StyleLabel
 from model.taxonomy import Taxonomy
@@ -36,15 +36,6 @@ class LabelMap:
             raise NotFound(f"no {level} style {name!r} in taxonomy {self.taxonomy!r}") from None
 
 
-def _insert(session: Session):
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(StyleLabel)
-    if dialect == "sqlite":
-        return sqlite.insert(StyleLabel)
-    raise NotImplementedError(f"unsupported database dialect {dialect!r}")
-
-
 def _rows(session: Session, taxonomy: str) -> list[StyleLabel]:
     stmt = select(StyleLabel).where(StyleLabel.taxonomy == taxonomy).order_by(StyleLabel.level, StyleLabel.position)
     return list(session.scalars(stmt))
@@ -60,7 +51,7 @@ def sync_labels(session: Session, taxonomy: Taxonomy) -> LabelMap:
         {"taxonomy": taxonomy.name, "level": "coarse", "name": name, "parent_id": None, "position": i}
         for i, name in enumerate(taxonomy.coarse.labels)
     ]
-    session.execute(_insert(session).on_conflict_do_nothing(), coarse)
+    session.execute(dialect_insert(session, StyleLabel).on_conflict_do_nothing(), coarse)
     coarse_ids = {
         row.name: row.id for row in _rows(session, taxonomy.name) if row.level == "coarse"
     }
@@ -70,7 +61,7 @@ def sync_labels(session: Session, taxonomy: Taxonomy) -> LabelMap:
         fine.append(
             {"taxonomy": taxonomy.name, "level": "fine", "name": name, "parent_id": coarse_ids.get(parent), "position": i}
         )
-    session.execute(_insert(session).on_conflict_do_nothing(), fine)
+    session.execute(dialect_insert(session, StyleLabel).on_conflict_do_nothing(), fine)
     return label_map(session, taxonomy.name, expect=taxonomy)
 
 

@@ -24,31 +24,33 @@ from catalog.settings import redact_url
 MIGRATIONS_DIR = Path(next(iter(migrations.__path__))).resolve()
 
 
-def alembic_config(url: str) -> Config:
-    """An Alembic Config for ``url`` that needs no ini file."""
+def alembic_config(url: str, **attributes) -> Config:
+    """An Alembic Config for ``url`` that needs no ini file; ``attributes`` reach the migrations
+    (``storefront_role``: the read-only role's name)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["url"] = url
+    cfg.attributes.update({k: v for k, v in attributes.items() if v is not None})
     return cfg
 
 
-def _run(url: str, fn, revision: str) -> None:
+def _run(url: str, fn, revision: str, **attributes) -> None:
     try:
-        fn(alembic_config(url), revision)
+        fn(alembic_config(url, **attributes), revision)
     except OperationalError as exc:
         raise ServiceUnavailable(
             f"cannot migrate {redact_url(url)}: {str(exc.orig).strip().splitlines()[0]}"
         ) from None
 
 
-def upgrade(url: str, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "head", *, storefront_role: str | None = None) -> None:
     """Bring the schema at ``url`` up to ``revision`` (default: the newest)."""
-    _run(url, command.upgrade, revision)
+    _run(url, command.upgrade, revision, storefront_role=storefront_role)
 
 
-def downgrade(url: str, revision: str = "base") -> None:
+def downgrade(url: str, revision: str = "base", *, storefront_role: str | None = None) -> None:
     """Take the schema at ``url`` down to ``revision`` (default: drop everything)."""
-    _run(url, command.downgrade, revision)
+    _run(url, command.downgrade, revision, storefront_role=storefront_role)
 
 
 def current(url: str) -> str | None:

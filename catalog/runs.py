@@ -1,4 +1,6 @@
-"""Tagging runs: what a retag covers, and which of its products still need work.
+"""Tagging runs: this module is their only owner. Every status change (create, running, done, cancelled,
+the nightly claim) and every counter change (total, done, failed) happens here; nothing else updates
+``tagging_runs``.
 
 A run is fixed when it starts: ``max_product_id`` bounds it, so products uploaded meanwhile go to the
 uploads path instead of making a nightly run chase a moving target. Which products are still to do
@@ -10,12 +12,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from enum import StrEnum
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from catalog.errors import NotFound
 from catalog.schema import RUN_KINDS, RUN_SCOPES, Product, TaggingRun, TagState
+
+
+class RunStatus(StrEnum):
+    ENQUEUING = "enqueuing"  # the producer is still sending its products
+    RUNNING = "running"  # everything is sent; workers finish it
+    DONE = "done"  # every product has a final state in this run
+    CANCELLED = "cancelled"
+
+
+UNFINISHED = (RunStatus.ENQUEUING.value, RunStatus.RUNNING.value)
+# Any fixed 64-bit number, the same in every process: the key of the nightly claim's advisory lock.
+NIGHTLY_ADVISORY_KEY = 0x5759_1E7A_6E16_4701 & 0x7FFF_FFFF_FFFF_FFFF
+_RUNS = TaggingRun.__table__
 
 
 def create_run(session: Session, kind: str, scope: str, model_version: str) -> TaggingRun:
@@ -27,27 +43,121 @@ def create_run(session: Session, kind: str, scope: str, model_version: str) -> T
         raise ValueError(f"unknown run scope {scope!r}; use one of {', '.join(RUN_SCOPES)}")
     max_id = session.execute(select(func.max(Product.id))).scalar() or 0
     run = TaggingRun(
-        kind=kind, scope=scope, model_version=model_version, status="enqueuing", total=0, done=0, failed=0,
-        max_product_id=max_id, created_at=datetime.now(UTC),
+        kind=kind, scope=scope, model_version=model_version, status=RunStatus.ENQUEUING.value, total=0, done=0,
+        failed=0, max_product_id=max_id, created_at=datetime.now(UTC),
     )
     session.add(run)
     session.flush()
     return run
 
 
-def start_run(session: Session, run_id: int, total: int) -> None:
-    """Record how many products the producer enqueued and let workers finish the run."""
-    table = TaggingRun.__table__
-    session.execute(update(table).where(table.c.id == run_id).values(total=total, status="running"))
+def add_to_total(session: Session, run_id: int, n: int) -> None:
+    """A producer enqueued ``n`` more of the run's products (the total grows page by page)."""
+    session.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(total=_RUNS.c.total + n))
+
+
+def mark_running(session: Session, run_id: int, *, retry_failed: bool = False, total: int | None = None) -> int:
+    """Everything is sent: let workers finish the run (and finish it now if nothing is left).
+
+    With ``retry_failed`` (a resume), the run's failed products are taken out of its ``failed`` counter
+    and detached from it (``tag_state.run_id`` NULL; status and reason kept until they are retried), in
+    this transaction: each then counts again, once, when it is retried, and the run is not done before
+    they all have been. Its total is recounted as done + failed + what is still to do, so products its
+    producer never reached (it died mid-enqueue) are counted too. Writers wait on the run's row lock, so
+    nothing is counted twice. ``total`` sets the total outright (a caller that enqueued a known number).
+    Returns how many failed products were detached."""
+    detached = _detach_failed(session, run_id) if retry_failed else 0
+    run = session.get(TaggingRun, run_id, with_for_update=True)
+    if run is None:
+        raise NotFound(f"no tagging run {run_id}; 'styletag runs' lists them")
+    run.failed = run.failed - detached
+    if retry_failed:
+        run.total = run.done + run.failed + count_products_to_tag(session, run, include_failed=True)
+    elif total is not None:
+        run.total = total
+    run.status = RunStatus.RUNNING.value
+    run.finished_at = None
+    session.flush()
+    finish_if_complete(session, run_id)
+    return detached
+
+
+def _detach_failed(session: Session, run_id: int) -> int:
+    # Lock the products first, in id order, as catalog.tags.write_batch does (no deadlock with a
+    # worker writing one of them); a write waiting on them then sees them detached and counts once.
+    session.execute(
+        select(Product.id).join(TagState, TagState.product_id == Product.id)
+        .where(TagState.run_id == run_id, TagState.status == "failed")
+        .order_by(Product.id).with_for_update(of=Product)
+    ).all()
+    table = TagState.__table__
+    result = session.execute(
+        update(table).where(table.c.run_id == run_id, table.c.status == "failed").values(run_id=None)
+    )
+    return result.rowcount or 0
+
+
+def count_outcomes(session: Session, run_id: int, *, done: int = 0, failed: int = 0) -> None:
+    """Products of the run that reached a final state in this transaction (the tag writer's counts)."""
+    if done or failed:
+        session.execute(
+            update(_RUNS).where(_RUNS.c.id == run_id).values(done=_RUNS.c.done + done, failed=_RUNS.c.failed + failed)
+        )
+
+
+def finish_if_complete(session: Session, run_id: int) -> bool:
+    """Mark a running run done once every product has a final state; True when this call did it
+    (so exactly one worker logs "run finished")."""
+    result = session.execute(
+        update(_RUNS)
+        .where(_RUNS.c.id == run_id, _RUNS.c.status == RunStatus.RUNNING.value,
+               _RUNS.c.done + _RUNS.c.failed >= _RUNS.c.total)
+        .values(status=RunStatus.DONE.value, finished_at=datetime.now(UTC))
+    )
+    return bool(result.rowcount)
 
 
 def cancel_run(session: Session, run_id: int) -> None:
-    table = TaggingRun.__table__
     session.execute(
-        update(table)
-        .where(table.c.id == run_id, table.c.status.in_(("enqueuing", "running")))
-        .values(status="cancelled", finished_at=datetime.now(UTC))
+        update(_RUNS)
+        .where(_RUNS.c.id == run_id, _RUNS.c.status.in_(UNFINISHED))
+        .values(status=RunStatus.CANCELLED.value, finished_at=datetime.now(UTC))
     )
+
+
+def unfinished_runs(session: Session, kind: str | None = None) -> list[TaggingRun]:
+    """Runs still enqueuing or running, oldest first (the nightly guard, metrics, operators)."""
+    query = select(TaggingRun).where(TaggingRun.status.in_(UNFINISHED)).order_by(TaggingRun.id)
+    if kind is not None:
+        query = query.where(TaggingRun.kind == kind)
+    return list(session.scalars(query))
+
+
+def run_age_seconds(run: TaggingRun, now: datetime | None = None) -> float:
+    created = run.created_at if run.created_at.tzinfo else run.created_at.replace(tzinfo=UTC)
+    return max(0.0, ((now or datetime.now(UTC)) - created).total_seconds())
+
+
+def claim_nightly(session: Session, model_version: str, *, stale_after_s: float) -> dict:
+    """In the caller's transaction: report the nightly run still going, or cancel one left ``enqueuing``
+    longer than ``stale_after_s`` (its producer died) and create the new run. Returns
+    ``{"created": run_id, "cancelled": ...}`` or ``{"busy": run, "cancelled": ...}``.
+
+    Two concurrent claims never both create a run: on PostgreSQL the check and the insert happen under a
+    transaction-level advisory lock; SQLite's ``BEGIN IMMEDIATE`` serialises them there."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": NIGHTLY_ADVISORY_KEY})
+    busy = next(iter(unfinished_runs(session, "nightly")), None)
+    cancelled = None
+    if busy is not None and busy.status == RunStatus.ENQUEUING and run_age_seconds(busy) > stale_after_s:
+        cancel_run(session, busy.id)
+        session.refresh(busy)
+        cancelled = run_as_dict(busy)
+        busy = next(iter(unfinished_runs(session, "nightly")), None)
+    if busy is not None:
+        return {"busy": run_as_dict(busy), "cancelled": cancelled}
+    run = create_run(session, kind="nightly", scope="changed", model_version=model_version)
+    return {"created": run.id, "cancelled": cancelled}
 
 
 def _todo_query(run: TaggingRun, include_failed: bool):
@@ -101,6 +211,8 @@ def iter_products_to_tag(
 
 
 def get_run(session: Session, run_id: int) -> TaggingRun:
+    if not isinstance(run_id, int) or not 0 < run_id < 2**63:
+        raise NotFound(f"no tagging run {str(run_id)[:40]}; run ids are positive integers ('styletag runs' lists them)")
     run = session.get(TaggingRun, run_id)
     if run is None:
         raise NotFound(f"no tagging run {run_id}; 'styletag runs' lists them")

@@ -1,36 +1,84 @@
-"""All configuration, read from the environment in one place.
+"""All configuration, read from the environment in this one module (nothing else in catalog/, model/ or
+worker/ touches ``os.environ``).
 
-S3 endpoint and credentials are deliberately *not* here: boto3 reads its own variables
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so operators configure styletag exactly like
-any other AWS tool and no secret passes through our code.
+:class:`Settings` is the typed settings object: one field per ``STYLETAG_*`` variable (the README table
+lists them all; ``tests/test_settings_documented.py`` keeps the two in step). Secrets are :class:`Secret`
+values, which never show in a repr, a log line or an error message.
+
+S3 endpoint and credentials are deliberately *not* settings: boto3 reads its own variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so operators configure styletag exactly like any other
+AWS tool and no secret passes through our code (:func:`aws_endpoint` only tells the S3 backend when its
+client must be rebuilt).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from catalog.errors import ConfigError
 
 DEFAULT_HOME = Path(".styletag")
+LOG_JSON_ENV = "STYLETAG_LOG_JSON"
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+class Secret:
+    """A secret setting: ``str(s)`` and ``repr(s)`` are ``***``; ``s.get()`` is the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str = ""):
+        self._value = value or ""
+
+    def get(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+def _raw(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if value is None or value.strip() == "" else value
+
+
+def _int(name: str, default: int, minimum: int | None = None) -> int:
+    raw = _raw(name)
+    if raw is None:
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        raise ConfigError(f"{name} must be an integer, got {raw[:40]!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be {minimum} or more, got {value}")
+    return value
 
 
-def _nonnegative(name: str, default: int) -> int:
-    value = _int(name, default)
-    if value < 0:
-        raise ConfigError(f"{name} must be 0 or more, got {value}")
+def _float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = _raw(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw[:40]!r}") from None
+    if not value >= minimum:  # also refuses nan
+        raise ConfigError(f"{name} must be a number of at least {minimum}, got {raw[:40]!r}")
     return value
 
 
@@ -43,10 +91,11 @@ def env_flag(name: str, default: bool = False) -> bool:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
+    raise ConfigError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), got {raw[:40]!r}")
 
 
 _MASTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 def check_broker(broker_url: str, master_name: str) -> None:
@@ -57,8 +106,6 @@ def check_broker(broker_url: str, master_name: str) -> None:
                           f"got {master_name[:40]!r}")
     if not broker_url.startswith("sentinel://"):
         return
-    from urllib.parse import urlsplit
-
     for part in broker_url.split(";"):
         try:
             parts = urlsplit(part.strip())
@@ -79,55 +126,111 @@ def _prefixes(raw: str | None, store_url: str) -> tuple[str, ...]:
     return (store_url.rstrip("/") + "/",)
 
 
+def _schema(raw: str | None) -> str:
+    name = (raw or "public").strip()
+    if not _SCHEMA_NAME.fullmatch(name):
+        raise ConfigError(f"STYLETAG_DB_SCHEMA must be a lower-case SQL identifier (letters, digits, '_'), "
+                          f"got {name[:40]!r}")
+    return name
+
+
 @dataclass(frozen=True)
 class Settings:
+    """One field per ``STYLETAG_*`` variable; ``ENV`` maps each field to its variable."""
+
     home: Path = DEFAULT_HOME
+    # catalog
     database_url: str = ""
+    db_pgbouncer: bool = False  # no server-side prepared statements (PgBouncer < 1.21, transaction pooling)
+    # broker
     broker_url: str = "redis://localhost:6379/0"
-    # Sentinel only (a sentinel:// broker URL): the monitored master's name, and the Sentinels' own
-    # password when they require one (the password in the URL is the Redis master's).
-    broker_master_name: str = ""
-    broker_sentinel_password: str = field(default="", repr=False)
+    broker_master_name: str = ""  # Sentinel only: the monitored master's name
+    broker_sentinel_password: Secret = field(default_factory=Secret)  # Sentinel only: the Sentinels' own
+    broker_max_retries: int = 100
+    # images
     store_url: str = ""
-    model_path: str = ""
     allowed_image_prefixes: tuple[str, ...] = field(default_factory=tuple)
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    s3_max_attempts: int = 5
+    http_connect_timeout: float = 5.0
+    http_read_timeout: float = 30.0
+    # model and pipeline
+    model_path: str = ""
     batch_size: int = 256
     fetch_threads: int = 16
     decode_threads: int = 0  # images decoded at once per worker process; 0: the number of cores
+    torch_threads: int = 0  # CPU inference threads per process; 0: torch's default
+    # queues
+    upload_batch: int = 128
+    upload_interval: float = 0.25
+    task_soft_time_limit: int = 900
+    visibility_timeout: int = 3600
+    max_ids_per_task: int = 10_000
     nightly_cron: str = "0 2 * * *"
+    # this process (set by 'styletag worker' for each worker it starts)
+    device: str = ""
+    gpu: str = "none"
+    queue: str = "inline"
+    # operations
     metrics_port: int = 0
-    # PostgreSQL behind a PgBouncer older than 1.21 (transaction pooling without
-    # max_prepared_statements): psycopg must never prepare statements on the server.
-    db_pgbouncer: bool = False
+    metrics_addr: str = "0.0.0.0"  # noqa: S104 - a container's port; compose publishes it on loopback
+    log_json: bool = False
+
+    @property
+    def task_time_limit(self) -> int:
+        return self.task_soft_time_limit + 60
 
     @classmethod
     def from_env(cls) -> Settings:
-        home = Path(os.environ.get("STYLETAG_HOME", str(DEFAULT_HOME)))
-        database_url = os.environ.get("STYLETAG_DATABASE_URL") or f"sqlite:///{home / 'catalog.db'}"
-        store_url = os.environ.get("STYLETAG_STORE_URL") or (home / "images").resolve().as_uri()
-        broker_url = os.environ.get("STYLETAG_BROKER_URL") or "redis://localhost:6379/0"
-        master_name = (os.environ.get("STYLETAG_BROKER_MASTER_NAME") or "").strip()
+        home = Path(_raw("STYLETAG_HOME") or str(DEFAULT_HOME))
+        database_url = _raw("STYLETAG_DATABASE_URL") or f"sqlite:///{home / 'catalog.db'}"
+        store_url = _raw("STYLETAG_STORE_URL") or (home / "images").resolve().as_uri()
+        broker_url = _raw("STYLETAG_BROKER_URL") or "redis://localhost:6379/0"
+        master_name = (_raw("STYLETAG_BROKER_MASTER_NAME") or "").strip()
         check_broker(broker_url, master_name)
+        soft = _int("STYLETAG_TASK_SOFT_TIME_LIMIT", 900, minimum=1)
         return cls(
             home=home,
             database_url=database_url,
+            db_pgbouncer=env_flag("STYLETAG_DB_PGBOUNCER"),
             broker_url=broker_url,
             broker_master_name=master_name,
-            broker_sentinel_password=os.environ.get("STYLETAG_BROKER_SENTINEL_PASSWORD", ""),
+            broker_sentinel_password=Secret(os.environ.get("STYLETAG_BROKER_SENTINEL_PASSWORD", "")),
+            broker_max_retries=_int("STYLETAG_BROKER_MAX_RETRIES", 100, minimum=0),
             store_url=store_url,
-            model_path=os.environ.get("STYLETAG_MODEL", ""),
-            allowed_image_prefixes=_prefixes(os.environ.get("STYLETAG_ALLOWED_IMAGE_PREFIXES"), store_url),
-            max_image_bytes=_int("STYLETAG_MAX_IMAGE_BYTES", 20 * 1024 * 1024),
-            max_image_pixels=_int("STYLETAG_MAX_IMAGE_PIXELS", 40_000_000),
-            batch_size=_int("STYLETAG_BATCH_SIZE", 256),
-            fetch_threads=_int("STYLETAG_FETCH_THREADS", 16),
-            decode_threads=_nonnegative("STYLETAG_DECODE_THREADS", 0),
-            nightly_cron=os.environ.get("STYLETAG_NIGHTLY_CRON", "0 2 * * *"),
-            metrics_port=_int("STYLETAG_METRICS_PORT", 0),
-            db_pgbouncer=env_flag("STYLETAG_DB_PGBOUNCER"),
+            allowed_image_prefixes=_prefixes(_raw("STYLETAG_ALLOWED_IMAGE_PREFIXES"), store_url),
+            max_image_bytes=_int("STYLETAG_MAX_IMAGE_BYTES", 20 * 1024 * 1024, minimum=1),
+            max_image_pixels=_int("STYLETAG_MAX_IMAGE_PIXELS", 40_000_000, minimum=1),
+            s3_max_attempts=_int("STYLETAG_S3_MAX_ATTEMPTS", 5, minimum=1),
+            http_connect_timeout=_float("STYLETAG_HTTP_CONNECT_TIMEOUT", 5.0, minimum=0.001),
+            http_read_timeout=_float("STYLETAG_HTTP_READ_TIMEOUT", 30.0, minimum=0.001),
+            model_path=_raw("STYLETAG_MODEL") or "",
+            batch_size=_int("STYLETAG_BATCH_SIZE", 256, minimum=1),
+            fetch_threads=_int("STYLETAG_FETCH_THREADS", 16, minimum=1),
+            decode_threads=_int("STYLETAG_DECODE_THREADS", 0, minimum=0),
+            torch_threads=_int("STYLETAG_TORCH_THREADS", 0, minimum=0),
+            upload_batch=_int("STYLETAG_UPLOAD_BATCH", 128, minimum=1),
+            upload_interval=_float("STYLETAG_UPLOAD_INTERVAL", 0.25),
+            task_soft_time_limit=soft,
+            visibility_timeout=_int("STYLETAG_VISIBILITY_TIMEOUT", max(3600, (soft + 60) * 2), minimum=1),
+            max_ids_per_task=_int("STYLETAG_MAX_IDS_PER_TASK", 10_000, minimum=1),
+            nightly_cron=_raw("STYLETAG_NIGHTLY_CRON") or "0 2 * * *",
+            device=(_raw("STYLETAG_DEVICE") or "").strip(),
+            gpu=(_raw("STYLETAG_GPU") or "none").strip(),
+            queue=(_raw("STYLETAG_QUEUE") or "inline").strip(),
+            metrics_port=_int("STYLETAG_METRICS_PORT", 0, minimum=0),
+            metrics_addr=_raw("STYLETAG_METRICS_ADDR") or "0.0.0.0",  # noqa: S104 - see the field
+            log_json=env_flag(LOG_JSON_ENV),
         )
+
+
+# Each field's variable. Every name here is in the README's table, and every STYLETAG_* name the README,
+# docs/, .env.example and docker-compose.yml mention is here or in DEPLOYMENT_VARIABLES.
+ENV: dict[str, str] = {f.name: f"STYLETAG_{f.name.upper()}" for f in fields(Settings)}
+ENV["model_path"] = "STYLETAG_MODEL"
+# docker compose's own variables (interpolated in docker-compose.yml, never read by styletag's code).
+DEPLOYMENT_VARIABLES = ("STYLETAG_IMAGE", "STYLETAG_PUBLISH_ADDR", "STYLETAG_MODELS_DIR", "STYLETAG_BUCKET")
 
 
 def redact_url(url: str) -> str:
@@ -135,7 +238,7 @@ def redact_url(url: str) -> str:
     separated by ``;`` (kombu's fail-over and Sentinel form) has every password hidden."""
     if ";" in url:
         return ";".join(redact_url(part) for part in url.split(";"))
-    from urllib.parse import urlsplit, urlunsplit
+    from urllib.parse import urlunsplit
 
     try:
         parts = urlsplit(url)
@@ -146,3 +249,57 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+# --- the rest of the environment, for the few places that must see it ---------------------------------
+
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|_AUTH$|CREDENTIAL|PRIVATE_KEY", re.I)
+_MIN_SECRET = 4  # shorter values would scrub ordinary words
+
+
+def environment_secrets() -> list[str]:
+    """Secret values anywhere in the environment (variables named like a secret, passwords inside URL
+    settings), longest first: what the log scrubber masks, whatever a library puts in a message."""
+    found: set[str] = set()
+    for name, value in os.environ.items():
+        if not value:
+            continue
+        if _SECRET_NAME.search(name):
+            found.add(value)
+            if ":" in value and name.upper().endswith("_AUTH"):  # user:password (FLOWER_BASIC_AUTH)
+                found.add(value.split(":", 1)[1])
+        if "://" in value and "@" in value:  # a URL setting with a password in it (or a ';' list of them)
+            for part in value.split(";"):
+                try:
+                    password = urlsplit(part.strip()).password
+                except ValueError:
+                    password = None
+                if password:
+                    found.update((password, unquote(password)))
+    return sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """The environment of a process styletag starts (the launcher's Celery workers): ours, plus
+    ``overrides`` given by field name (``device="cuda"`` sets ``STYLETAG_DEVICE``) or by variable name."""
+    env = dict(os.environ)
+    for key, value in overrides.items():
+        env[ENV.get(key, key)] = value
+    return env
+
+
+def process_identity() -> dict[str, str]:
+    """The queue and GPU the launcher gave this worker process (the fields its log lines carry); cheap
+    enough for every log record, and empty outside a worker."""
+    return {key: value for key, value in (("queue", os.environ.get(ENV["queue"], "")),
+                                          ("gpu", os.environ.get(ENV["gpu"], ""))) if value}
+
+
+def export_log_json() -> None:
+    """JSON log lines for this process and every process it starts (``styletag --log-json worker``)."""
+    os.environ[LOG_JSON_ENV] = "1"
+
+
+def aws_endpoint() -> tuple[str | None, str | None]:
+    """boto3's endpoint override variables, read only to know when a cached S3 client is stale."""
+    return os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3")

@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, func, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from catalog.errors import NotFound, StyletagError
-from catalog.schema import ModelVersion, Product, ProductStyle, TaggingRun, TagState
-
-FAILURE_REASONS = ("missing", "forbidden", "too_large", "bad_image", "too_many_pixels", "unreachable", "error")
+from catalog.db import dialect_insert
+from catalog.errors import FAILURE_REASONS, NotFound
+from catalog.runs import count_outcomes
+from catalog.schema import ModelVersion, Product, ProductStyle, TagState
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class ProductTags:
 class ProductFailure:
     product_id: int
     image_version: str | None
-    reason: str  # a short code: missing, forbidden, too_large, bad_image, too_many_pixels, unreachable
+    reason: str  # one of catalog.errors.FAILURE_REASONS (catalog.errors.failure_reason of the error)
     error: str  # the one-line message of the typed error
 
 
@@ -60,44 +59,6 @@ class WriteOutcome:
     tagged: int  # products whose tags were (re)written
     failed: int  # products whose failure was recorded
     skipped_newer: int  # products left alone because a later-trained model tagged them
-
-
-class ModelVersionConflict(StyletagError):
-    """A model version string is already registered with a different training time."""
-
-
-def utc(dt: datetime) -> datetime:
-    """Aware UTC. SQLite stores datetimes without a zone, so every value we write is UTC."""
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
-def _insert(session: Session, entity):
-    """The dialect's INSERT (for ON CONFLICT) on the plain table: Core executemany, no ORM overhead."""
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert(entity.__table__)
-    if name == "sqlite":
-        return sqlite.insert(entity.__table__)
-    raise NotImplementedError(f"unsupported database dialect {name!r}")
-
-
-def register_model(session: Session, version: str, trained_at: datetime, taxonomy: str, backbone: str) -> None:
-    """Record a model before it writes tags (its trained_at orders it against other models).
-    Idempotent; a version string re-used with another trained_at is refused, since it would
-    silently change which tags count as newer."""
-    trained_at = utc(trained_at)
-    stmt = _insert(session, ModelVersion).on_conflict_do_nothing(index_elements=["version"])
-    session.execute(
-        stmt,
-        [{"version": version, "trained_at": trained_at, "taxonomy": taxonomy, "backbone": backbone,
-          "registered_at": datetime.now(UTC)}],
-    )
-    have = session.execute(select(ModelVersion.trained_at).where(ModelVersion.version == version)).scalar_one()
-    if utc(have) != trained_at:
-        raise ModelVersionConflict(
-            f"model version {version!r} is already registered with trained_at {utc(have).isoformat()}, "
-            f"not {trained_at.isoformat()}; give a retrained model a new version"
-        )
 
 
 def _score(value: float, product_id: int) -> float:
@@ -189,7 +150,8 @@ def write_batch(
             styles.extend((pid, t.label_id, _score(t.score, pid), bool(t.is_primary)) for t in per_label.values())
             states.append((pid, item.image_version, "tagged", None, None))
         else:
-            states.append((pid, item.image_version, "failed", item.reason[:32], (item.error or "")[:2000]))
+            reason = item.reason if item.reason in FAILURE_REASONS else "error"
+            states.append((pid, item.image_version, "failed", reason, (item.error or "")[:2000]))
 
     common = {"mv": model_version, "run_id": run_id, "now": now}
     if dialect == "postgresql":
@@ -199,13 +161,8 @@ def write_batch(
     if claim_ids:
         ts = TagState.__table__
         session.execute(update(ts).where(ts.c.product_id.in_(claim_ids)).values(run_id=run_id))
-    if run_id is not None and (done_delta or failed_delta):
-        runs = TaggingRun.__table__
-        session.execute(
-            update(runs)
-            .where(runs.c.id == run_id)
-            .values(done=runs.c.done + done_delta, failed=runs.c.failed + failed_delta)
-        )
+    if run_id is not None:
+        count_outcomes(session, run_id, done=done_delta, failed=failed_delta)
     n_tagged = len(rewrite_ids)
     return WriteOutcome(tagged=n_tagged, failed=len(states) - n_tagged, skipped_newer=skipped)
 
@@ -287,12 +244,12 @@ def _write_generic(
         session.execute(delete(table).where(table.c.product_id.in_(rewrite_ids)))
     if styles:
         session.execute(
-            _insert(session, ProductStyle),
+            dialect_insert(session, ProductStyle),
             [{"product_id": p, "label_id": lid, "score": sc, "is_primary": pr, "model_version": mv, "tagged_at": now}
              for p, lid, sc, pr in styles],
         )
     if states:
-        ins = _insert(session, TagState)
+        ins = dialect_insert(session, TagState)
         session.execute(
             ins.on_conflict_do_update(
                 index_elements=["product_id"],
@@ -311,15 +268,3 @@ def _write_generic(
               "run_id": run_id, "attempts": 1, "updated_at": now}
              for p, iv, st, rs, er in states],
         )
-
-
-def finish_run_if_complete(session: Session, run_id: int) -> bool:
-    """Mark a running run done once every product has a final state; True when this call did it
-    (so exactly one worker logs "run finished")."""
-    runs = TaggingRun.__table__
-    result = session.execute(
-        update(runs)
-        .where(runs.c.id == run_id, runs.c.status == "running", runs.c.done + runs.c.failed >= runs.c.total)
-        .values(status="done", finished_at=datetime.now(UTC))
-    )
-    return bool(result.rowcount)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .metadata import META_KEY, REQUIRED, check_header, read_metadata
 
-META_KEY = "styletag"
-REQUIRED = ("taxonomy", "backbone", "input_size", "channels", "mean", "std", "model_version")
+__all__ = ["CheckpointError", "load_checkpoint", "read_metadata", "save_checkpoint", "weights_hash"]
 
 
 def tensors_of(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,43 +59,6 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.T
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return meta["model_version"]
-
-
-def _check_header(path: Path) -> None:
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) == 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and n <= os.path.getsize(path):
-            return  # a safetensors header (its length may well start with byte 0x80, like a pickle)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise CheckpointError(f"{path} is a pickle/torch.save file; refusing to unpickle it (use a .safetensors checkpoint)")
-    raise CheckpointError(f"{path} is not a safetensors file")
-
-
-def read_metadata(path: str | Path) -> dict:
-    """Metadata only (no tensors loaded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
-    _check_header(path)
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
-    raw = (header.get("__metadata__") or {}).get(META_KEY)
-    if raw is None:
-        raise CheckpointError(f"{path} has no styletag metadata; it was not written by styletag train")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: styletag metadata is not valid JSON") from None
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}")
-    return meta
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -143,7 +105,7 @@ def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> bool:
     target = optim_path(path)
     if not target.is_file():
         return False
-    _check_header(target)
+    check_header(target)
     from safetensors import safe_open
 
     with safe_open(str(target), framework="pt") as fh:

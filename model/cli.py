@@ -30,15 +30,12 @@ def _command_line() -> str:
 def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None = None, seed: int = 0):
     """The named dataset as an ArraySet. ``fmnist-mosaic``: 2x2 mosaics, 20k train / 4k test."""
     from .data import fmnist_dataset, mosaic_dataset
-    from .fmnist import FashionMNISTMissing, load_split
+    from .fmnist import load_split
 
     if name == "fmnist":
         return fmnist_dataset(split, taxonomy, source, limit)
     if name == "fmnist-mosaic":
-        try:
-            images, labels = load_split(split, source)
-        except FashionMNISTMissing as exc:
-            raise DatasetMissing(str(exc)) from None
+        images, labels = load_split(split, source)  # FashionMNISTMissing is a DatasetMissing
         n = limit or (20_000 if split == "train" else 4_000)
         return mosaic_dataset(images, labels, taxonomy, n, seed=seed + (0 if split == "train" else 1))
     raise DatasetMissing(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")

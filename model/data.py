@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DatasetMissing
-from .fmnist import FashionMNISTMissing, load_split
+from .fmnist import load_split
 from .taxonomy import Taxonomy
 
 FMNIST_MEAN = (0.2860,)
@@ -47,10 +47,7 @@ class ArraySet(torch.utils.data.Dataset):
 
 def fmnist_dataset(split: str, taxonomy: Taxonomy, source=None, limit: int | None = None) -> ArraySet:
     """Fashion-MNIST as an ArraySet: images [N, 28, 28, 1]; fine = dataset label; coarse = its parent."""
-    try:
-        images, labels = load_split(split, source)
-    except FashionMNISTMissing as exc:
-        raise DatasetMissing(str(exc)) from None
+    images, labels = load_split(split, source)  # FashionMNISTMissing is a DatasetMissing
     if len(taxonomy.fine.labels) != 10:
         raise DatasetMissing(f"taxonomy {taxonomy.name!r} has {len(taxonomy.fine.labels)} fine labels; Fashion-MNIST needs 10")
     if limit is not None:

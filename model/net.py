@@ -243,6 +243,13 @@ class HierarchicalNet(nn.Module):
         return self.coarse_head(f), self.fine_head(f * self.gate(f))
 
 
+def pick_device(device: str | None) -> torch.device:
+    """``device`` as given, else the GPU when there is one."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_model(
     backbone: str, n_coarse: int, n_fine: int, channels: int = 3, pretrained: bool = False, dropout: float = 0.0
 ) -> HierarchicalNet:

@@ -18,9 +18,9 @@ from .checkpoint import load_checkpoint
 from .consistency import child_mask, decode_multi, decode_single, parent_index
 from .data import fit_channels, to_input
 from .errors import CheckpointError, TaxonomyError
-from .net import build_model
+from .metadata import DEFAULT_THRESHOLDS
+from .net import build_model, pick_device
 from .taxonomy import Taxonomy
-from .train import DEFAULT_THRESHOLDS, pick_device
 
 
 @dataclass

@@ -24,10 +24,9 @@ from .data import Augment, as_dataset, fit_channels, iterate_batches, n_batches,
 from .errors import ModelError
 from .evaluate import collect_logits, compute_metrics, summary
 from .losses import HierarchicalLoss
-from .net import build_model
+from .metadata import DEFAULT_THRESHOLDS
+from .net import build_model, pick_device
 from .taxonomy import Taxonomy
-
-DEFAULT_THRESHOLDS = {"coarse": 0.5, "fine": 0.5}
 
 
 @dataclass
@@ -93,12 +92,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     raise ModelError(f"unknown optimizer {cfg.optimizer!r}; use adamw or sgd")
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def seed_everything(seed: int) -> None:

@@ -1,5 +1,10 @@
-"""The part that does the job: Celery app and tasks, the fetch/decode/infer/write pipeline, the retag
-producer, upload micro-batching, the GPU-pinned launcher and the ``styletag`` CLI.
+"""The part that does the job, wiring ``catalog`` (SQL, storage) and ``model`` (predictor) together.
 
-Wires ``catalog`` (SQL, storage) and ``model`` (predictor) together.
+* the core: the Celery app (``app``), its tasks (``tasks``, ``batching``, ``messages``), the
+  fetch/decode/infer/write ``pipeline`` and the per-process model ``context``;
+* ``producers/``: what puts work on the queues (retag runs, uploads, the nightly start), through one send path;
+* ``ops/``: launcher, metrics, logs, run reports, beat, demo;
+* ``cli``: the ``styletag`` command.
+
+worker/ never touches catalog tables itself: it calls catalog functions.
 """

@@ -12,8 +12,6 @@ so whatever kombu supports, they support.
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery
 from kombu import Queue
 
@@ -22,22 +20,25 @@ from catalog.settings import Settings
 BULK_QUEUE = "bulk"
 UPLOADS_QUEUE = "uploads"
 
+# Read once, when the app is built: the queue options below are fixed for the life of a worker process.
+SETTINGS = Settings.from_env()
+
 # The longest task (a bulk chunk) must finish well inside these; the broker's visibility timeout
 # (after which an unacknowledged message is delivered again) is longer still.
-BULK_SOFT_TIME_LIMIT = int(os.environ.get("STYLETAG_TASK_SOFT_TIME_LIMIT", "900"))
-BULK_TIME_LIMIT = BULK_SOFT_TIME_LIMIT + 60
-VISIBILITY_TIMEOUT = int(os.environ.get("STYLETAG_VISIBILITY_TIMEOUT", str(max(3600, BULK_TIME_LIMIT * 2))))
+BULK_SOFT_TIME_LIMIT = SETTINGS.task_soft_time_limit
+BULK_TIME_LIMIT = SETTINGS.task_time_limit
+VISIBILITY_TIMEOUT = SETTINGS.visibility_timeout
 # kombu gives an unacknowledged message back to the queue only when a consumer sweeps for expired ones,
 # by default every 10 s x 10 = 100 s whatever the timeout. Sweep at a fifth of the timeout (1 to 10 s),
 # so that a killed worker's chunk is redelivered about one visibility timeout after it was taken.
 UNACKED_RESTORE_INTERVAL = max(1, min(10, VISIBILITY_TIMEOUT // 5))
 
 # Upload micro-batching: a burst becomes full batches; a lone upload waits at most the interval.
-UPLOAD_FLUSH_EVERY = int(os.environ.get("STYLETAG_UPLOAD_BATCH", "128"))
-UPLOAD_FLUSH_INTERVAL = float(os.environ.get("STYLETAG_UPLOAD_INTERVAL", "0.25"))
+UPLOAD_FLUSH_EVERY = SETTINGS.upload_batch
+UPLOAD_FLUSH_INTERVAL = SETTINGS.upload_interval
 
 # A bulk message carries at most this many ids; larger ones are refused, never executed blindly.
-MAX_IDS_PER_TASK = int(os.environ.get("STYLETAG_MAX_IDS_PER_TASK", "10000"))
+MAX_IDS_PER_TASK = SETTINGS.max_ids_per_task
 
 
 def sentinel_options(settings: Settings) -> dict:
@@ -53,7 +54,7 @@ def sentinel_options(settings: Settings) -> dict:
     # default retries each with back-off, ~4 s per dead Sentinel at every new connection).
     sentinel_kwargs: dict = {"socket_connect_timeout": 5, "socket_timeout": 5, "retry": Retry(NoBackoff(), 0)}
     if settings.broker_sentinel_password:
-        sentinel_kwargs["password"] = settings.broker_sentinel_password
+        sentinel_kwargs["password"] = settings.broker_sentinel_password.get()
     return {"master_name": settings.broker_master_name, "sentinel_kwargs": sentinel_kwargs}
 
 
@@ -66,8 +67,8 @@ def broker_connection(settings: Settings, *, read: bool = False, **kwargs):
 
 
 def make_app(settings: Settings | None = None) -> Celery:
-    settings = settings or Settings.from_env()
-    app = Celery("styletag", broker=settings.broker_url, include=["worker.tasks", "worker.schedule"])
+    settings = settings or SETTINGS
+    app = Celery("styletag", broker=settings.broker_url, include=["worker.tasks", "worker.ops.beat"])
     app.conf.update(
         accept_content=["json"],
         task_serializer="json",
@@ -97,7 +98,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
-        broker_connection_max_retries=int(os.environ.get("STYLETAG_BROKER_MAX_RETRIES", "100")),
+        broker_connection_max_retries=settings.broker_max_retries,
         timezone="UTC",
         enable_utc=True,
     )

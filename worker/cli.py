@@ -29,7 +29,7 @@ COMMANDS = {
     "enqueue": "worker.cli:enqueue_cmd",
     "beat": "worker.cli:beat_cmd",
     "metrics": "worker.cli:metrics_cmd",
-    "report": "worker.report:report_cmd",
+    "report": "worker.ops.report:report_cmd",
 }
 
 
@@ -61,7 +61,7 @@ class LazyGroup(click.Group):
 @click.option("--log-json", is_flag=True, help="Log as JSON lines.")
 def cli(log_level: str, log_json: bool) -> None:
     """styletag: tag a product catalog with hierarchical style labels."""
-    from worker.logs import configure_logging
+    from worker.ops.logs import configure_logging
 
     configure_logging(log_level, json_lines=log_json)
 
@@ -83,7 +83,7 @@ def _settings():
 @click.option("--dry-run", is_flag=True, help="Print the worker processes that would start, as JSON.")
 def worker_cmd(gpus, queues, threads, loglevel, metrics_port, bulk_procs, dry_run) -> None:
     """Start one Celery worker per GPU and queue group, each pinned with CUDA_VISIBLE_DEVICES."""
-    from worker.launcher import build_specs, parse_gpus, parse_queues, run_workers
+    from worker.ops.launcher import build_specs, parse_gpus, parse_queues, run_workers
 
     specs = build_specs(parse_gpus(gpus), parse_queues(queues), threads=threads, loglevel=loglevel,
                         metrics_port=metrics_port, bulk_procs=bulk_procs)
@@ -111,7 +111,7 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json) -> Non
     """Tag the catalog: create a run, enqueue its products (or tag them inline)."""
     from catalog.db import session_scope
     from catalog.runs import get_run, run_as_dict
-    from worker.retag import enqueue_run, run_inline, start_run, wait_for_run
+    from worker.producers.retag import enqueue_run, run_inline, start_run, wait_for_run
 
     settings = _settings()
     enqueued = False  # a nightly run not tagged inline comes back enqueued already
@@ -154,8 +154,8 @@ def _start_nightly_from_cli(settings, scope: str, inline: bool, chunk: int, as_j
     """``retag --kind nightly``: through beat's guard, so a manual nightly never doubles a running one.
     Returns the new run's id (enqueued already unless ``inline``); a nightly still going is an error."""
     from catalog.errors import StyletagError
-    from worker.retag import current_model_version
-    from worker.schedule import claim_nightly, start_nightly
+    from worker.producers.nightly import claim_nightly, start_nightly
+    from worker.producers.retag import current_model_version
 
     if scope != "changed":
         raise StyletagError("a nightly run is --changed-only; use --kind manual with --all")
@@ -206,7 +206,7 @@ def runs_cmd(run_id, limit, as_json) -> None:
 @click.argument("skus", nargs=-1, required=True)
 def enqueue_cmd(skus) -> None:
     """Enqueue products (new uploads) by SKU onto the uploads queue."""
-    from worker.uploads import enqueue_uploads
+    from worker.producers.uploads import enqueue_uploads
 
     ids = enqueue_uploads(list(skus), _settings())
     click.echo(f"enqueued {len(ids)} products on the uploads queue")
@@ -218,7 +218,7 @@ def enqueue_cmd(skus) -> None:
 def beat_cmd(loglevel, schedule_file) -> None:
     """Run Celery beat: the nightly 'retag --changed-only' at STYLETAG_NIGHTLY_CRON."""
     from worker.app import app
-    from worker.schedule import configure_beat
+    from worker.ops.beat import configure_beat
 
     settings = _settings()
     configure_beat(settings)
@@ -231,7 +231,7 @@ def beat_cmd(loglevel, schedule_file) -> None:
 @click.option("--port", type=int, default=9108, show_default=True)
 def metrics_cmd(port) -> None:
     """Serve deployment metrics (queue depth per queue, counters of unfinished runs) for Prometheus."""
-    from worker.metrics import serve_exporter
+    from worker.ops.metrics import serve_exporter
 
     serve_exporter(port, _settings())
 
@@ -249,7 +249,7 @@ class UserError(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:
-        from worker.logs import scrub
+        from worker.ops.logs import scrub
 
         try:
             click.echo(f"error: {scrub(self.message)}", err=True)

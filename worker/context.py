@@ -7,10 +7,10 @@ the parent that forks never imports torch or touches CUDA.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 from catalog.settings import Settings
 
@@ -34,9 +34,9 @@ class WorkerContext:
 
         from model.predictor import Predictor
 
-        threads = int(os.environ.get("STYLETAG_TORCH_THREADS", "0") or 0)
-        path = self.settings.model_path or str(default_checkpoint())
-        predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.settings.batch_size)
+        threads = self.settings.torch_threads
+        predictor = Predictor.from_checkpoint(checkpoint_path(self.settings), device=self.device,
+                                              batch_size=self.settings.batch_size)
         if predictor.device.type == "cpu":
             # Split each batch over N threads with one intra-op thread each, instead of one call with N
             # intra-op threads: torch's per-operator barriers stall whenever the OS preempts one of its
@@ -63,7 +63,7 @@ class WorkerContext:
         """Label ids of the model's taxonomy; creates them in the catalog when they are new."""
         from catalog.db import session_scope
         from catalog.labels import sync_labels
-        from catalog.tags import register_model
+        from catalog.models import register_model
 
         p = self.predictor
         with session_scope(self.settings.database_url) as session:
@@ -86,10 +86,13 @@ def _default_torch_threads() -> int:
     return _TORCH_DEFAULT_THREADS
 
 
-def default_checkpoint():
+def checkpoint_path(settings: Settings) -> Path:
+    """The checkpoint a worker serves: ``STYLETAG_MODEL``, else the shipped default."""
+    if settings.model_path:
+        return Path(settings.model_path)
     from model.weights import DEFAULT_CHECKPOINT
 
-    return DEFAULT_CHECKPOINT
+    return Path(DEFAULT_CHECKPOINT)
 
 
 def get_context(settings: Settings | None = None) -> WorkerContext:
@@ -97,7 +100,8 @@ def get_context(settings: Settings | None = None) -> WorkerContext:
     global _context
     with _lock:
         if _context is None or (settings is not None and settings != _context.settings):
-            _context = WorkerContext(settings or Settings.from_env(), device=os.environ.get("STYLETAG_DEVICE") or None)
+            settings = settings or Settings.from_env()
+            _context = WorkerContext(settings, device=settings.device or None)
         return _context
 
 

@@ -24,30 +24,17 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
-from sqlalchemy import select
 
 from catalog.db import session_scope
-from catalog.errors import (
-    BadImage,
-    ForbiddenURI,
-    ObjectMissing,
-    ObjectTooLarge,
-    StorageError,
-    TransientStorageError,
-)
-from catalog.schema import Product
-from catalog.tags import ProductFailure, ProductTags, Tag, finish_run_if_complete, write_batch
-from worker.metrics import observe_batch
+from catalog.errors import BadImage, StorageError, TransientStorageError, failure_reason
+from catalog.products import ProductImage, images_for_tagging
+from catalog.runs import finish_if_complete
+from catalog.tags import ProductFailure, ProductTags, Tag, write_batch
+from worker.ops.metrics import observe_batch
 
 log = logging.getLogger("styletag.pipeline")
 
-
-@dataclass
-class Item:
-    product_id: int
-    sku: str
-    uri: str
-    image_version: str | None
+Item = ProductImage  # one product of a batch: id, sku, image URI and version
 
 
 @dataclass
@@ -95,23 +82,6 @@ class PipelineReport:
             self.seconds[k] = self.seconds.get(k, 0.0) + v
 
 
-def failure_reason(exc: BaseException) -> str:
-    """The short code stored in tag_state.reason (and used as a metrics label)."""
-    if isinstance(exc, BadImage):
-        return getattr(exc, "reason", "bad_image")
-    if isinstance(exc, ObjectMissing):
-        return "missing"
-    if isinstance(exc, ForbiddenURI):
-        return "forbidden"
-    if isinstance(exc, ObjectTooLarge):
-        return "too_large"
-    if isinstance(exc, TransientStorageError):
-        return "unreachable"
-    if isinstance(exc, StorageError):
-        return "storage"
-    return "error"
-
-
 def chunked(ids: Iterable[int], size: int) -> Iterator[list[int]]:
     it = iter(ids)
     while chunk := list(islice(it, size)):
@@ -121,12 +91,7 @@ def chunked(ids: Iterable[int], size: int) -> Iterator[list[int]]:
 def load_items(database_url: str, ids: list[int]) -> list[Item]:
     """Re-read the rows: a task carries only ids, the database is the truth. Unknown ids are dropped."""
     with session_scope(database_url) as session:
-        rows = session.execute(
-            select(Product.id, Product.sku, Product.image_uri, Product.image_version)
-            .where(Product.id.in_(ids))
-            .order_by(Product.id)
-        ).all()
-    return [Item(r[0], r[1], r[2], r[3]) for r in rows]
+        return images_for_tagging(session, ids)
 
 
 class Pipeline:
@@ -155,13 +120,15 @@ class Pipeline:
             data = self.reader.get(item.uri)
         except (StorageError, BadImage) as exc:
             return None, exc, time.perf_counter() - t0, 0.0
+        except Exception as exc:  # noqa: BLE001 - one item's failure is that item's failure, never its batch's
+            return None, exc, time.perf_counter() - t0, 0.0
         t1 = time.perf_counter()
         p = self.predictor
         with self._decoders:  # the wait for a free core counts as neither stage
             t2 = time.perf_counter()
             try:
                 arr = decode_image(data, p.input_size, p.channels, self.settings.max_image_pixels)
-            except BadImage as exc:
+            except Exception as exc:  # noqa: BLE001 - BadImage, or anything a decoder raises on one image
                 return None, exc, t1 - t0, time.perf_counter() - t2
             return arr, None, t1 - t0, time.perf_counter() - t2
 
@@ -180,7 +147,8 @@ class Pipeline:
                 arrays.append(arr)
             else:
                 transient += isinstance(exc, TransientStorageError)
-                failures.append(ProductFailure(item.product_id, item.image_version, failure_reason(exc), str(exc)[:500]))
+                message = str(exc) if isinstance(exc, StorageError | BadImage) else f"{exc.__class__.__name__}: {exc}"
+                failures.append(ProductFailure(item.product_id, item.image_version, failure_reason(exc), message[:500]))
         if items and transient == len(items):
             # The store is down, not the images: let the task retry with backoff.
             raise TransientStorageError(f"all {transient} images of the batch unreachable: {failures[0].error}")
@@ -233,7 +201,7 @@ class Pipeline:
                 failed=prepared.failures,
             )
             if run_id is not None:
-                finish_run_if_complete(session, run_id)
+                finish_if_complete(session, run_id)
         write_s = time.perf_counter() - t0
         return BatchReport(
             size=len(prepared.items) + len(prepared.failures),

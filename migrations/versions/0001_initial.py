@@ -1,4 +1,4 @@
-"""Initial catalog: every table, index and constraint of catalog/schema.py, the storefront view and,
+"""Initial catalog: every table, index and constraint of the first schema, the storefront view and,
 on PostgreSQL, the read-only ``styletag_storefront`` role.
 
 Revision ID: 0001
@@ -14,8 +14,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from catalog import schema
-
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
@@ -23,10 +21,31 @@ depends_on: str | Sequence[str] | None = None
 
 log = logging.getLogger("alembic.runtime.migration")
 
+# Frozen history: this revision spells out what it creates and never imports the live models
+# (catalog/schema.py), so a later schema change cannot rewrite what 0001 did.
+STOREFRONT_VIEW = "storefront_tags"
+STOREFRONT_ROLE = "styletag_storefront"
+STOREFRONT_VIEW_SQL = f"""
+CREATE VIEW {STOREFRONT_VIEW} AS
+SELECT p.id AS product_id, p.sku AS sku, p.title AS title, l.taxonomy AS taxonomy,
+       l.level AS level, l.name AS style, s.score AS score, s.is_primary AS is_primary,
+       s.model_version AS model_version, s.tagged_at AS tagged_at
+FROM product_styles s
+JOIN products p ON p.id = s.product_id
+JOIN style_labels l ON l.id = s.label_id
+"""  # noqa: S608 - constant identifiers, no input
+
 # BIGINT on PostgreSQL; INTEGER on SQLite so the primary key is the rowid and autoincrements.
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 TZ = sa.DateTime(timezone=True)
 TABLES = ("products", "style_labels", "model_versions", "product_styles", "style_truth", "tagging_runs", "tag_state")
+
+
+def storefront_role() -> str:
+    """The read-only role's name: ``catalog.migrate`` may pass another one (tests, a second install)."""
+    from alembic import context
+
+    return context.config.attributes.get("storefront_role") or STOREFRONT_ROLE
 
 
 def upgrade() -> None:
@@ -141,7 +160,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_tag_state_run_id_status", "tag_state", ["run_id", "status"])
 
-    op.execute(schema.STOREFRONT_VIEW_SQL)
+    op.execute(STOREFRONT_VIEW_SQL)
     if op.get_bind().dialect.name == "postgresql":
         _create_storefront_role()
 
@@ -150,7 +169,7 @@ def downgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name == "postgresql":
         _drop_storefront_role()
-    op.execute(f"DROP VIEW IF EXISTS {schema.STOREFRONT_VIEW}")
+    op.execute(f"DROP VIEW IF EXISTS {STOREFRONT_VIEW}")
     op.drop_index("ix_tag_state_run_id_status", table_name="tag_state")
     op.drop_table("tag_state")
     op.drop_index("ix_tagging_runs_kind_status", table_name="tagging_runs")
@@ -175,7 +194,7 @@ def _role_exists(bind, role: str) -> bool:
 
 def _create_storefront_role() -> None:
     bind = op.get_bind()
-    role = schema.STOREFRONT_ROLE
+    role = storefront_role()
     if not _role_exists(bind, role):
         may_create = bind.execute(
             sa.text("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user")
@@ -196,9 +215,9 @@ def _create_storefront_role() -> None:
                 return
     tables = ", ".join(TABLES)
     bind.exec_driver_sql(f'REVOKE ALL ON {tables} FROM "{role}"')
-    bind.exec_driver_sql(f'REVOKE ALL ON {schema.STOREFRONT_VIEW} FROM "{role}"')
+    bind.exec_driver_sql(f'REVOKE ALL ON {STOREFRONT_VIEW} FROM "{role}"')
     bind.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{_schema_name(bind)}" TO "{role}"')
-    bind.exec_driver_sql(f'GRANT SELECT ON {schema.STOREFRONT_VIEW} TO "{role}"')
+    bind.exec_driver_sql(f'GRANT SELECT ON {STOREFRONT_VIEW} TO "{role}"')
 
 
 def _schema_name(bind) -> str:
@@ -207,12 +226,12 @@ def _schema_name(bind) -> str:
 
 def _drop_storefront_role() -> None:
     bind = op.get_bind()
-    role = schema.STOREFRONT_ROLE
+    role = storefront_role()
     if not _role_exists(bind, role):
         return
     try:
         with bind.begin_nested():
-            bind.exec_driver_sql(f'REVOKE ALL ON {schema.STOREFRONT_VIEW} FROM "{role}"')
+            bind.exec_driver_sql(f'REVOKE ALL ON {STOREFRONT_VIEW} FROM "{role}"')
             bind.exec_driver_sql(f'REVOKE ALL ON SCHEMA "{_schema_name(bind)}" FROM "{role}"')
     except sa.exc.DBAPIError as exc:
         log.warning("privileges of role %s not revoked: %s", role, str(exc.orig).strip().splitlines()[0])

@@ -1,6 +1,6 @@
 """Shipped checkpoints (docs/model.md). ``DEFAULT_CHECKPOINT`` is the Fashion-MNIST model the worker loads by
 default: fast on a CPU as on a GPU. ``WIDE_CHECKPOINT`` is the more accurate, 4x heavier option for GPU hosts
-(``STYLETAG_MODEL_PATH``)."""
+(``STYLETAG_MODEL``)."""
 
 from pathlib import Path
 

@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from catalog import migrate, schema
+from catalog import migrate
 from catalog.db import make_engine
 from catalog.schema import STOREFRONT_ROLE, STOREFRONT_VIEW, Base
 
@@ -120,13 +120,12 @@ def test_migrating_user_without_createrole_warns_and_continues(pg_base_url, pg_n
         with _pg(url) as conn:
             conn.execute(f'ALTER SCHEMA public OWNER TO "{user}"')
         limited = url.replace("://" + url.split("://", 1)[1].split("@", 1)[0] + "@", f"://{user}@", 1)
-        monkeypatch.setattr(schema, "STOREFRONT_ROLE", role)
         with caplog.at_level(logging.WARNING):
-            migrate.upgrade(limited)
+            migrate.upgrade(limited, storefront_role=role)
         assert migrate.current(limited) == "0001"
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and role in warnings[0] and "may not create roles" in warnings[0]
-        migrate.downgrade(limited)
+        migrate.downgrade(limited, storefront_role=role)
         assert migrate.current(limited) is None
     finally:
         make_engine(url).dispose()

@@ -10,8 +10,9 @@ import pytest
 
 from catalog.db import session_scope
 from catalog.errors import NotFound
+from catalog.models import register_model
 from catalog.queries import BadCursor, facet_counts, find_by_style, tags_for_sku
-from catalog.tags import ProductTags, Tag, register_model, write_batch
+from catalog.tags import ProductTags, Tag, write_batch
 
 
 @pytest.fixture

@@ -10,9 +10,18 @@ from sqlalchemy import update
 
 from catalog.db import session_factory, session_scope
 from catalog.errors import NotFound
-from catalog.runs import create_run, get_run, iter_products_to_tag, list_runs, run_as_dict, start_run
+from catalog.models import register_model
+from catalog.runs import (
+    create_run,
+    finish_if_complete,
+    get_run,
+    iter_products_to_tag,
+    list_runs,
+    mark_running,
+    run_as_dict,
+)
 from catalog.schema import Product
-from catalog.tags import ProductFailure, ProductTags, Tag, finish_run_if_complete, register_model, write_batch
+from catalog.tags import ProductFailure, ProductTags, Tag, write_batch
 
 MODEL = "m1"
 
@@ -83,7 +92,7 @@ def test_changed_scope(cat):
 def test_get_list_and_dict(cat):
     run = _run(cat.url)
     with session_scope(cat.url) as s:
-        start_run(s, run.id, 10)
+        mark_running(s, run.id, total=10)
     with session_scope(cat.url) as s:
         info = run_as_dict(get_run(s, run.id))
         assert info["status"] == "running" and info["total"] == 10 and info["remaining"] == 10
@@ -100,17 +109,17 @@ def test_resume_counts_what_a_dead_producer_never_enqueued(cat):
     from dataclasses import replace
 
     from catalog.settings import Settings
-    from worker.retag import enqueue_run
-    from worker.retag import start_run as start
+    from worker.producers.retag import enqueue_run
+    from worker.producers.retag import start_run as start
 
     settings = replace(Settings.from_env(), database_url=cat.url)
     run_id = start(settings, scope="all", model_version=MODEL)
     sent: list[int] = []
 
-    def dying(_run_id, ids):
+    def dying(_task, args, queue):
         if len(sent) >= 1000:
             raise RuntimeError("producer killed")
-        sent.extend(ids)
+        sent.extend(args[1])
 
     with pytest.raises(RuntimeError):
         enqueue_run(settings, run_id, chunk=500, send=dying)
@@ -118,14 +127,14 @@ def test_resume_counts_what_a_dead_producer_never_enqueued(cat):
         assert get_run(s, run_id).total == 2000  # two pages counted; the last 500 were never reached
     _tag(cat.url, run_id, sent[:600], fail=set(sent[590:600]))  # workers did part of what was sent
     resumed: list[int] = []
-    enqueue_run(settings, run_id, resume=True, chunk=500, send=lambda _r, ids: resumed.extend(ids))
+    enqueue_run(settings, run_id, resume=True, chunk=500, send=lambda _t, args, queue: resumed.extend(args[1]))
     with session_scope(cat.url) as s:
         run = get_run(s, run_id)
         assert (run.total, run.done, run.failed, run.status) == (2500, 590, 0, "running")
     assert sorted(resumed) == sorted(set(cat.ids) - set(sent[:590]))  # the 10 failed are retried
     _tag(cat.url, run_id, resumed)
     with session_scope(cat.url) as s:
-        assert finish_run_if_complete(s, run_id)  # as the pipeline does after each batch
+        assert finish_if_complete(s, run_id)  # as the pipeline does after each batch
     with session_scope(cat.url) as s:
         run = get_run(s, run_id)
         assert (run.total, run.done, run.failed, run.status) == (2500, 2500, 0, "done")

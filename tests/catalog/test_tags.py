@@ -11,17 +11,10 @@ from sqlalchemy import delete, select
 
 from catalog.db import session_scope
 from catalog.errors import NotFound
-from catalog.runs import create_run, get_run, start_run
+from catalog.models import ModelVersionConflict, register_model
+from catalog.runs import create_run, finish_if_complete, get_run, mark_running
 from catalog.schema import Product, ProductStyle, TagState
-from catalog.tags import (
-    ModelVersionConflict,
-    ProductFailure,
-    ProductTags,
-    Tag,
-    finish_run_if_complete,
-    register_model,
-    write_batch,
-)
+from catalog.tags import ProductFailure, ProductTags, Tag, write_batch
 
 OLD, NEW, NEWEST = "m-2025-01", "m-2025-02", "m-2025-03"
 
@@ -67,7 +60,7 @@ def counters(url, run_id):
 def new_run(url, total, model=NEW):
     with session_scope(url) as s:
         run = create_run(s, "manual", "all", model)
-        start_run(s, run.id, total)
+        mark_running(s, run.id, total=total)
         return run.id
 
 
@@ -130,14 +123,14 @@ def test_run_counters_count_each_product_once(cat):
     assert counters(cat.url, run_id) == (8, 4, "running")
     assert snapshot(cat.url)[1][0][1] == "tagged"
     with session_scope(cat.url) as s:
-        assert not finish_run_if_complete(s, run_id + 1000)
-        assert finish_run_if_complete(s, run_id)  # 8 + 4 >= 12
+        assert not finish_if_complete(s, run_id + 1000)
+        assert finish_if_complete(s, run_id)  # 8 + 4 >= 12
     assert counters(cat.url, run_id)[2] == "done"
     # Retrying the failures in the same run moves them from failed to done.
     write(cat.url, NEW, [tags_for(cat, p) for p in cat.ids[8:10]], run_id=run_id)
     assert counters(cat.url, run_id)[:2] == (10, 2)
     with session_scope(cat.url) as s:
-        assert not finish_run_if_complete(s, run_id)  # only once
+        assert not finish_if_complete(s, run_id)  # only once
     # A second run counts the same products afresh.
     run2 = new_run(cat.url, total=3)
     write(cat.url, NEW, [tags_for(cat, p) for p in cat.ids[:3]], run_id=run2)

@@ -132,7 +132,7 @@ def reference_tags(chaos_catalog) -> dict[str, list[tuple]]:
     """The clean run: the inline pipeline over all 2,000 products, nothing broken."""
     from catalog.settings import Settings
     from worker.context import reset_context
-    from worker.retag import run_inline, start_run
+    from worker.producers.retag import run_inline, start_run
 
     name, url = _clone(chaos_catalog, CATALOG_N)
     settings = replace(Settings.from_env(), database_url=url, store_url=chaos_catalog.store_uri,

@@ -1,8 +1,8 @@
 """Fault 6: a task slower than the visibility timeout is delivered a second time while the first
 delivery is still running.
 
-Two workers, visibility timeout 4 s, and the test knobs ``STYLETAG_TEST_TASK_DELAY`` /
-``STYLETAG_TEST_TASK_GATE``: a first delivery waits (until the test creates the gate file) before
+Two workers, visibility timeout 4 s, and the test-only hook ``tests/hooks/slow_first_delivery`` (through
+PYTHONPATH, not in styletag's code): a first delivery waits (until the test creates the gate file) before
 working; a redelivered one does not. So the chunk's message is taken by one worker, given back to the
 queue by the visibility sweep after 4 s and run by the other worker, which writes the chunk; then the
 test opens the gate and the first delivery writes the same chunk again, stale.
@@ -22,7 +22,8 @@ import redis
 from sqlalchemy import text
 
 from catalog.db import engine_for, session_scope
-from catalog.tags import ProductTags, Tag, register_model, write_batch
+from catalog.models import register_model
+from catalog.tags import ProductTags, Tag, write_batch
 from tests.chaos.conftest import (
     Progress,
     assert_consistent,
@@ -34,6 +35,7 @@ from tests.chaos.conftest import (
     tags_by_sku,
     task_lines,
 )
+from tests.hooks import slow_first_delivery_env
 from tests.worker.conftest import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -65,8 +67,7 @@ def test_redelivery_after_visibility_timeout_writes_once_and_keeps_newer_tags(
     _tag_with_newer_model(url, BEFORE_RUN)
     gate = tmp_path / "gate"
     env = chaos_env(url, chaos_broker, tmp_path, chaos_catalog.store_uri,
-                    STYLETAG_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT), STYLETAG_TEST_TASK_DELAY=str(DELAY),
-                    STYLETAG_TEST_TASK_GATE=str(gate))
+                    STYLETAG_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT), **slow_first_delivery_env(DELAY, gate))
     workers = [start_worker(env), start_worker(env)]
     for w in workers:
         w.wait_ready(1)

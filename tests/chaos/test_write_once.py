@@ -16,14 +16,16 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import insert, select
 
+from catalog import runs
 from catalog.db import session_scope
 from catalog.labels import sync_labels
-from catalog.runs import create_run, get_run, start_run
+from catalog.models import register_model
+from catalog.runs import create_run, get_run
 from catalog.schema import Product, ProductStyle, TagState
 from catalog.settings import Settings
-from catalog.tags import ProductFailure, ProductTags, Tag, register_model, write_batch
+from catalog.tags import ProductFailure, ProductTags, Tag, write_batch
 from model.taxonomy import load_taxonomy
-from worker.retag import mark_running
+from worker.producers.retag import mark_running
 
 pytestmark = pytest.mark.chaos
 
@@ -57,7 +59,7 @@ def _write(url, model, tagged=(), failed=(), run_id=None):
 def _run(url, total, model=OLD) -> int:
     with session_scope(url) as s:
         run = create_run(s, "manual", "all", model)
-        start_run(s, run.id, total)
+        runs.mark_running(s, run.id, total=total)
         return run.id
 
 

@@ -15,39 +15,36 @@ shipped = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(),
                              reason=f"shipped checkpoint {DEFAULT_CHECKPOINT.name} not trained yet")
 
 
-# (checkpoint, backbone, fine top-1, coarse top-1 recorded on the full 10,000-image test split)
-SHIPPED = [(DEFAULT_CHECKPOINT, "resnet-small", 0.9525, 0.9798), (WIDE_CHECKPOINT, "resnet-wide", 0.9553, 0.9818)]
-
-
 @shipped
-@pytest.mark.parametrize(("path", "backbone", "fine", "coarse"), SHIPPED, ids=["default", "wide"])
-def test_shipped_metadata_and_size(path, backbone, fine, coarse):
+@pytest.mark.parametrize(("path", "backbone"), [(DEFAULT_CHECKPOINT, "resnet-small"), (WIDE_CHECKPOINT, "resnet-wide")],
+                         ids=["default", "wide"])
+def test_shipped_metadata_and_size(path, backbone):
     assert path.stat().st_size <= 25 * 1024 * 1024
     _, meta = load_checkpoint(path)
     assert meta["command"].startswith("styletag train") and f"--backbone {backbone}" in meta["command"]
     assert meta["taxonomy"]["name"] == "fashion-mnist" and meta["backbone"] == backbone
-    # Trained on an H100 (docs/model.md): both pass the issue's fine floor (93.5%), the wide one its 95.5%
-    # goal; neither reaches the 98.5% coarse target. These pin the recorded figures.
-    assert meta["metrics"]["fine_top1"] == pytest.approx(fine, abs=1e-4)
-    assert meta["metrics"]["coarse_top1"] == pytest.approx(coarse, abs=1e-4)
-    assert meta["metrics"]["fine_top1"] >= 0.935
-    assert meta["metrics"]["consistency"] == 1.0 and meta["metrics"]["n"] == 10_000
 
 
 @shipped
 @pytest.mark.usefixtures("fmnist")
-def test_shipped_accuracy_first_2000_test_images():
+def test_shipped_default_measured_on_the_whole_test_split():
+    """The default checkpoint on all 10,000 test images: above its floor, and what its metadata records
+    (measured here, not copied: a retrained or damaged checkpoint fails)."""
     p = Predictor.from_checkpoint(DEFAULT_CHECKPOINT, device="cpu")
-    test = fmnist_dataset("test", p.taxonomy, limit=2000)
+    test = fmnist_dataset("test", p.taxonomy)
     out = p.predict_arrays(test.images)
     fine = float((out["primary_fine"] == test.fine).mean())
     coarse = float((out["primary_coarse"] == test.coarse).mean())
-    assert fine >= 0.95, fine  # measured 0.9555 on these 2,000 images
-    assert coarse >= 0.975, coarse  # measured 0.9805
-    # the predictor and the evaluation code agree
-    m = compute_metrics(p.taxonomy, collect_logits(p.model, test, mean=p.meta["mean"], std=p.meta["std"],
+    assert len(test) == 10_000
+    assert fine >= 0.95, fine  # the floor (docs/model.md records 95.25 %)
+    assert coarse >= 0.975, coarse  # (97.98 %)
+    assert fine == pytest.approx(p.meta["metrics"]["fine_top1"], abs=2e-3)
+    assert coarse == pytest.approx(p.meta["metrics"]["coarse_top1"], abs=2e-3)
+    # the predictor and the evaluation code agree, and every prediction is hierarchy-consistent
+    m = compute_metrics(p.taxonomy, collect_logits(p.model, test.subset(2000), mean=p.meta["mean"], std=p.meta["std"],
                                                    input_size=p.input_size))
-    assert m["fine_top1"] == pytest.approx(fine, abs=1e-3) and m["consistency"] == 1.0
+    assert m["fine_top1"] == pytest.approx(float((out["primary_fine"][:2000] == test.fine[:2000]).mean()), abs=1e-3)
+    assert m["consistency"] == 1.0
 
 
 @shipped

@@ -46,7 +46,7 @@ def _two_free_ports() -> int:
 def test_two_bulk_processes_share_a_run_and_each_serves_its_metrics(pg_url, tmp_path):
     from catalog.importers import import_fashion_mnist
     from tests.ops.test_smoke import http_get
-    from worker.retag import start_run
+    from worker.producers.retag import start_run
 
     truncate_all(pg_url)
     broker = redis.Redis.from_url(BROKER_URL)

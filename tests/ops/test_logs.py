@@ -32,7 +32,7 @@ from tests.ops.test_smoke import (
     wait_run_done,
     worker_ready,
 )
-from worker.logs import JsonFormatter, ScrubFilter, configure_logging, scrub
+from worker.ops.logs import JsonFormatter, ScrubFilter, configure_logging, scrub
 
 N_GOOD = 40
 CHUNK = 16
@@ -130,7 +130,7 @@ def test_worker_logs_json_lines_with_task_fields_and_no_secret(pg_url, private_r
     from catalog.importers import import_fashion_mnist
     from catalog.schema import Product
     from worker.app import app
-    from worker.retag import start_run
+    from worker.producers.retag import start_run
     from worker.tasks import tag_products
 
     broker_url, redis_password = private_redis

@@ -47,7 +47,7 @@ def stack(pg_url, tmp_path_factory):
     from catalog.importers import import_fashion_mnist
     from catalog.schema import Product
     from worker.app import UPLOADS_QUEUE, app
-    from worker.retag import start_run
+    from worker.producers.retag import start_run
     from worker.tasks import tag_uploads
 
     truncate_all(pg_url)
@@ -100,7 +100,7 @@ def test_exporter_reports_queue_depth_per_queue_and_the_unfinished_run(stack):
 def test_worker_counters_match_the_database_during_and_after_the_run(stack):
     from catalog.db import session_scope
     from catalog.runs import get_run
-    from worker.modelinfo import checkpoint_metadata
+    from worker.producers.retag import current_model_version
 
     port = free_port()
     worker = Proc("worker", [str(BIN / "styletag"), "worker", "--gpus", "none", "--queues", "bulk",
@@ -149,7 +149,7 @@ def test_worker_counters_match_the_database_during_and_after_the_run(stack):
     assert metric(parsed, "styletag_stage_seconds_sum", stage="model") > 0
     assert metric(parsed, "styletag_images_per_second") > 0
 
-    version = checkpoint_metadata(stack["settings"])["model_version"]
+    version = current_model_version(stack["settings"])
     assert has_metric(parsed, "styletag_model_info", model_version=version, gpu="none", queue="bulk")
     assert metric(parsed, "styletag_model_info") == 1
 
@@ -165,7 +165,7 @@ def test_exporter_answers_when_the_broker_is_away(stack):
     """A scrape never fails because Redis is down: the queue depth is absent and broker_up says 0."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from worker.metrics import DeploymentCollector
+    from worker.ops.metrics import DeploymentCollector
 
     registry = CollectorRegistry()
     registry.register(DeploymentCollector(replace(stack["settings"], broker_url=f"redis://127.0.0.1:{free_port()}/0")))

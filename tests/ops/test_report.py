@@ -28,7 +28,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def tagged_run(pg_url, s3_server, tmp_path_factory):
     from catalog.importers import import_fashion_mnist
     from worker.context import reset_context
-    from worker.retag import run_inline, start_run
+    from worker.producers.retag import run_inline, start_run
 
     truncate_all(pg_url)
     bucket = s3_server.make_bucket()
@@ -107,7 +107,7 @@ def test_report_is_one_self_contained_page(page):
 
 def test_thumbnails_go_through_the_allowed_prefixes(tagged_run):
     from catalog.storage import ImageReader
-    from worker.report import Example, thumbnails
+    from worker.ops.report import Example, thumbnails
 
     store = tagged_run["settings"].store_url
     with session_scope(tagged_run["db"]) as s:

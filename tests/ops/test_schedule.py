@@ -26,17 +26,8 @@ from catalog.schema import Product, TaggingRun
 from catalog.settings import Settings
 from tests.conftest import truncate_all
 from tests.ops.test_smoke import BIN, BROKER_URL, service_env
-from worker.schedule import (
-    ENTRY,
-    LOCK_KEY,
-    LOCK_SECONDS,
-    TASK,
-    beat_schedule,
-    claim_nightly,
-    configure_beat,
-    parse_cron,
-    start_nightly,
-)
+from worker.ops.beat import ENTRY, TASK, beat_schedule, configure_beat, parse_cron
+from worker.producers.nightly import LOCK_KEY, LOCK_SECONDS, claim_nightly, start_nightly
 
 N_PRODUCTS = 30
 
@@ -170,13 +161,13 @@ def test_a_nightly_run_still_going_is_reported_not_doubled(nightly, caplog):
     settings, broker = nightly
     first = start_nightly(settings)
     assert first["started"] and queued(broker) == Counter({first["run_id"]: N_PRODUCTS})
-    with caplog.at_level(logging.WARNING, logger="styletag.schedule"):
+    with caplog.at_level(logging.WARNING, logger="styletag.nightly"):
         again = start_nightly(settings)
     assert again["started"] is False and again["reason"] == "still_running"
     assert again["run_id"] == first["run_id"] and again["run"]["status"] == "running"
     assert queued(broker) == Counter({first["run_id"]: N_PRODUCTS})  # nothing enqueued twice
     assert nightly_runs(settings.database_url) == [(first["run_id"], "running")]
-    warning = " ".join(r.getMessage() for r in caplog.records if r.name == "styletag.schedule")
+    warning = " ".join(r.getMessage() for r in caplog.records if r.name == "styletag.nightly")
     assert f"run {first['run_id']} is still running" in warning
     assert f"styletag retag --resume {first['run_id']}" in warning
 
@@ -216,7 +207,7 @@ def test_lock_held_by_another_producer_skips_the_start(nightly):
 def test_the_beat_task_starts_a_changed_only_nightly_run(nightly, monkeypatch):
     """The task beat sends (run here in-process, as a worker would run it) with the environment's
     settings: a nightly --changed-only run of every never-tagged product."""
-    from worker.schedule import nightly_retag
+    from worker.tasks import nightly_retag
 
     settings, broker = nightly
     monkeypatch.setenv("STYLETAG_DATABASE_URL", settings.database_url)

@@ -80,7 +80,7 @@ def test_sentinel_transport_options(monkeypatch):
 
 
 def test_every_password_of_a_sentinel_url_is_masked(monkeypatch):
-    from worker.logs import _secrets, scrub
+    from worker.ops.logs import _secrets, scrub
 
     url = "sentinel://:first-pw@h1:26379;sentinel://:second-pw@h2:26379"
     masked = redact_url(url)
@@ -170,7 +170,7 @@ def sentinel_settings(sentinel, monkeypatch):
 @pytest.mark.slow
 def test_broker_connection_reaches_the_master_through_sentinel(sentinel_settings):
     from worker.app import broker_connection
-    from worker.schedule import LOCK_KEY, broker_redis
+    from worker.producers.nightly import LOCK_KEY, broker_redis
 
     settings, master = sentinel_settings
     with broker_connection(settings) as conn:
@@ -202,7 +202,7 @@ def test_sentinel_needs_its_own_password(sentinel_settings):
 @pytest.mark.slow
 def test_celery_publishes_through_sentinel_and_the_exporter_counts_it(sentinel_settings):
     from worker.app import BULK_QUEUE, make_app
-    from worker.metrics import queue_depths
+    from worker.ops.metrics import queue_depths
 
     settings, master = sentinel_settings
     app = make_app(settings)

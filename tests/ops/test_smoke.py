@@ -165,17 +165,13 @@ def has_metric(parsed, name: str, **labels: str) -> bool:
 
 
 def enqueue_run_on(broker_url: str, settings, run_id: int, chunk: int) -> int:
-    """The retag producer (worker.retag.enqueue_run) sending to ``broker_url`` explicitly: this test
-    process's Celery app keeps whatever broker it was first imported with."""
-    from worker.app import BULK_QUEUE, app
-    from worker.retag import enqueue_run
-    from worker.tasks import tag_products
+    """The retag producer (worker.producers.retag.enqueue_run) sending to ``broker_url``: it publishes to the
+    broker of the settings it is given, not to whatever this test process's Celery app was built with."""
+    from dataclasses import replace
 
-    with app.connection_for_write(broker_url) as conn:
-        def send(rid: int, ids: list[int]) -> None:
-            tag_products.apply_async(args=(rid, ids), queue=BULK_QUEUE, connection=conn)
+    from worker.producers.retag import enqueue_run
 
-        return enqueue_run(settings, run_id, chunk=chunk, send=send)
+    return enqueue_run(replace(settings, broker_url=broker_url), run_id, chunk=chunk)
 
 
 def wait_run_done(database_url: str, run_id: int, proc: Proc, timeout: float) -> None:

@@ -104,8 +104,8 @@ def sec_db(pg_base_url) -> SecDB:
     from catalog.labels import sync_labels
     from catalog.migrate import upgrade
     from catalog.settings import Settings
-    from model.taxonomy import Taxonomy
-    from worker.modelinfo import checkpoint_metadata
+    from model.metadata import CheckpointMeta
+    from worker.context import checkpoint_path
 
     tag = uuid.uuid4().hex[:10]
     name, role = f"styletag_sec_{tag}", f"styletag_secret_test_{tag}"
@@ -124,7 +124,7 @@ def sec_db(pg_base_url) -> SecDB:
             conn.execute(f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
         # The catalog already knows the model's labels (as after a first retag), so that a checkpoint with
         # different labels under the same taxonomy name is a mismatch, never a first registration.
-        taxonomy = Taxonomy.from_dict(checkpoint_metadata(Settings.from_env())["taxonomy"])
+        taxonomy = CheckpointMeta.read(checkpoint_path(Settings.from_env())).taxonomy
         with session_scope(admin_url) as session:
             sync_labels(session, taxonomy)
         yield SecDB(name=name, role=role, admin_url=admin_url, url=url)
@@ -502,10 +502,10 @@ def hostile_catalog(sec, sec_worker) -> Tagged:
 def catalog_taxonomy():
     """The taxonomy of the configured checkpoint: the one whose labels sec_db synced."""
     from catalog.settings import Settings
-    from model.taxonomy import Taxonomy
-    from worker.modelinfo import checkpoint_metadata
+    from model.metadata import CheckpointMeta
+    from worker.context import checkpoint_path
 
-    return Taxonomy.from_dict(checkpoint_metadata(Settings.from_env())["taxonomy"])
+    return CheckpointMeta.read(checkpoint_path(Settings.from_env())).taxonomy
 
 
 def tiny_checkpoint(path: Path, taxonomy) -> str:

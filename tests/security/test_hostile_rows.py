@@ -111,7 +111,7 @@ def test_100kb_uri_refused_by_the_pipeline_on_sqlite(sec, sqlite_url, hostile_ca
     as forbidden, and the good product of the same batch is tagged (inline, real model)."""
     from catalog.schema import TagState
     from worker.context import reset_context
-    from worker.retag import run_inline, start_run
+    from worker.producers.retag import run_inline, start_run
 
     with session_scope(sqlite_url) as s:
         s.add(Product(sku="long", title="", image_uri=sec.store_uri + "/" + "a" * 100_000, image_version="v1"))

@@ -74,7 +74,7 @@ def test_retag_all_through_celery_tags_every_product_once(celery_worker, apply_e
 def test_inline_on_sqlite_gives_the_same_tags_as_celery_on_postgres(catalog_500, apply_env, sqlite_url):
     from catalog.importers import import_fashion_mnist
     from worker.context import reset_context
-    from worker.retag import run_inline, start_run
+    from worker.producers.retag import run_inline, start_run
 
     import_fashion_mnist(sqlite_url, apply_env["STYLETAG_STORE_URL"], "test", limit=N_PRODUCTS, progress=False)
     settings = replace(Settings.from_env(), database_url=sqlite_url)
@@ -125,7 +125,7 @@ def _upload_batches(worker) -> list[int]:
 
 
 def test_burst_of_uploads_is_micro_batched(celery_worker, catalog_500, apply_env):
-    from worker.uploads import enqueue_uploads
+    from worker.producers.uploads import enqueue_uploads
 
     with session_scope(catalog_500) as s:
         skus = list(s.scalars(select(Product.sku).order_by(Product.id).offset(100).limit(200)))
@@ -153,7 +153,7 @@ LONE_UPLOAD_BOUND_S = 5.0  # flush interval 0.25 s + one small inference on a sh
 
 
 def test_lone_upload_is_tagged_quickly(celery_worker, catalog_500):
-    from worker.uploads import enqueue_upload_ids
+    from worker.producers.uploads import enqueue_upload_ids
 
     with session_scope(catalog_500) as s:
         pid = s.scalars(select(Product.id).order_by(Product.id.desc()).limit(1)).one()

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from catalog.errors import ConfigError
-from worker.launcher import WorkerSpec, build_specs, parse_gpus, parse_queues, run_workers
+from worker.ops.launcher import WorkerSpec, build_specs, parse_gpus, parse_queues, run_workers
 
 
 def test_parse_gpus():

@@ -13,7 +13,6 @@ never waits behind a bulk chunk, which is what "uploads are served first" needs.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -23,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from catalog.errors import ConfigError
+from catalog.settings import child_environment
 
 log = logging.getLogger("styletag.launcher")
 
@@ -93,17 +93,16 @@ def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | Non
     for gpu in gpus:
         slot = f"gpu{gpu}" if gpu is not None else "cpu"
         for queue in queues:
-            env = dict(os.environ)
-            env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
-            env["STYLETAG_DEVICE"] = "cuda" if gpu is not None else "cpu"
-            env["STYLETAG_GPU"] = gpu if gpu is not None else "none"
-            env["STYLETAG_QUEUE"] = queue
-            if threads:
-                env["STYLETAG_TORCH_THREADS"] = str(threads)
             procs = bulk_procs if queue == "bulk" else 1
+            overrides = {"CUDA_VISIBLE_DEVICES": gpu if gpu is not None else "",
+                         "device": "cuda" if gpu is not None else "cpu", "gpu": gpu if gpu is not None else "none",
+                         "queue": queue}
+            if threads:
+                overrides["torch_threads"] = str(threads)
             if port:  # one port per pool process: STYLETAG_METRICS_PORT + the process's pool index
-                env["STYLETAG_METRICS_PORT"] = str(port)
+                overrides["metrics_port"] = str(port)
                 port += procs
+            env = child_environment(**overrides)
             prefetch = "1" if queue == "bulk" else str(4 * UPLOAD_FLUSH_EVERY)
             nodename = f"{queue}-{slot}@{host}"
             argv = (

@@ -22,7 +22,6 @@ launcher gives each process its own port: ``--metrics-port 9109`` → uploads 91
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -44,10 +43,6 @@ MODEL_INFO = Gauge("styletag_model_info", "The model this process serves and the
 _started = False
 
 
-def _addr() -> str:
-    return os.environ.get("STYLETAG_METRICS_ADDR") or "0.0.0.0"  # noqa: S104 - a container's port
-
-
 def _pool_index() -> int:
     """0 for the first (or only) Celery pool process, 1 for the second, ... (billiard's index)."""
     from celery.utils.log import current_process_index
@@ -55,16 +50,15 @@ def _pool_index() -> int:
     return current_process_index(base=0) or 0
 
 
-def start_worker_metrics(model_version: str, backbone: str) -> int | None:
+def start_worker_metrics(settings, model_version: str, backbone: str) -> int | None:
     """Serve this process's metrics when STYLETAG_METRICS_PORT is set; returns the port."""
     global _started
-    MODEL_INFO.labels(model_version, backbone, os.environ.get("STYLETAG_GPU", "none"),
-                      os.environ.get("STYLETAG_QUEUE", "inline")).set(1)
-    port = int(os.environ.get("STYLETAG_METRICS_PORT", "0") or 0)
+    MODEL_INFO.labels(model_version, backbone, settings.gpu, settings.queue).set(1)
+    port = settings.metrics_port
     if port:
         port += _pool_index()  # a bulk worker with several pool processes: one port each
     if port and not _started:
-        start_http_server(port, addr=_addr())
+        start_http_server(port, addr=settings.metrics_addr)
         _started = True
         log.info("metrics on port %d", port)
         return port
@@ -139,20 +133,14 @@ class DeploymentCollector:
                                  labels=["run_id", "kind"])
         db_up = GaugeMetricFamily("styletag_database_up", "1 when the database answered this scrape")
         try:
-            from datetime import UTC, datetime
-
-            from sqlalchemy import select
-
             from catalog.db import session_scope
-            from catalog.schema import TaggingRun
+            from catalog.runs import run_age_seconds, unfinished_runs
 
-            now = datetime.now(UTC)
             with session_scope(self.settings.database_url) as s:
-                for r in s.scalars(select(TaggingRun).where(TaggingRun.status.in_(("enqueuing", "running")))):
+                for r in unfinished_runs(s):
                     for name in ("total", "done", "failed"):
                         runs.add_metric([str(r.id), r.kind, name], getattr(r, name))
-                    created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
-                    ages.add_metric([str(r.id), r.kind], max(0.0, (now - created).total_seconds()))
+                    ages.add_metric([str(r.id), r.kind], run_age_seconds(r))
             db_up.add_metric([], 1)
         except Exception as exc:
             log.warning("run counters unavailable: %s", str(exc).splitlines()[0][:120] if str(exc) else exc)
@@ -166,7 +154,7 @@ def serve_exporter(port: int, settings) -> None:
     from prometheus_client import REGISTRY
 
     REGISTRY.register(DeploymentCollector(settings))
-    start_http_server(port, addr=_addr())
-    log.info("metrics exporter on %s:%d", _addr(), port)
+    start_http_server(port, addr=settings.metrics_addr)
+    log.info("metrics exporter on %s:%d", settings.metrics_addr, port)
     while True:
         time.sleep(3600)

@@ -10,40 +10,17 @@ from __future__ import annotations
 import json
 import sys
 
-from sqlalchemy import and_, func, select
-from sqlalchemy.orm import aliased
-
 from catalog.db import session_scope
-from catalog.schema import ProductStyle, StyleLabel, StyleTruth, TagState
+from catalog.reports import truth_accuracy
 from catalog.settings import Settings
-
-
-def truth_accuracy(database_url: str, run_id: int) -> dict[str, dict[str, float]]:
-    """Share of the run's products whose primary tag at each level equals the human label."""
-    out = {}
-    with session_scope(database_url) as session:
-        for level in ("coarse", "fine"):
-            pl, tl = aliased(StyleLabel), aliased(StyleLabel)
-            q = (
-                select(func.count(), func.sum(func.cast(pl.id == tl.id, type_=ProductStyle.score.type)))
-                .select_from(TagState)
-                .join(ProductStyle, and_(ProductStyle.product_id == TagState.product_id, ProductStyle.is_primary))
-                .join(pl, and_(pl.id == ProductStyle.label_id, pl.level == level))
-                .join(StyleTruth, StyleTruth.product_id == TagState.product_id)
-                .join(tl, and_(tl.id == StyleTruth.label_id, tl.level == level))
-                .where(TagState.run_id == run_id, TagState.status == "tagged")
-            )
-            n, correct = session.execute(q).one()
-            out[level] = {"products": int(n or 0), "accuracy": float(correct or 0) / n if n else 0.0}
-    return out
 
 
 def main() -> int:
     from catalog.importers import import_fashion_mnist
     from catalog.migrate import upgrade
     from catalog.queries import find_by_style, tags_for_sku
-    from worker.logs import configure_logging
-    from worker.retag import run_inline, start_run
+    from worker.ops.logs import configure_logging
+    from worker.producers.retag import run_inline, start_run
 
     configure_logging("WARNING")
     settings = Settings.from_env()

@@ -10,8 +10,7 @@ backend, Pillow), no script and no external reference, so the file can be mailed
 ticket. Images are fetched through :class:`catalog.storage.ImageReader` with the configured allowed
 prefixes and size limit, exactly as a worker reads them. Every catalog string is HTML-escaped.
 
-The queries aggregate in the database (one row per reason, per label, per written batch), so a
-report of a run over millions of products stays small.
+What the page shows is read by ``catalog.reports.collect`` (the read model); this module only renders.
 """
 
 from __future__ import annotations
@@ -20,152 +19,17 @@ import base64
 import html
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 import click
-from sqlalchemy import and_, func, select
 
-from catalog.db import session_scope
 from catalog.errors import StyletagError
-from catalog.runs import get_run, run_as_dict
-from catalog.schema import ModelVersion, Product, ProductStyle, StyleLabel, StyleTruth, TagState
+from catalog.reports import Example, ReportData, collect
 from catalog.settings import Settings
 
-MAX_BUCKETS = 60
-NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)
 PALETTE = ("#4269d0", "#efb118", "#ff725c", "#6cc5b0", "#3ca951", "#ff8ab7", "#a463f2", "#97bbf5", "#9c6b4e",
            "#9498a0")
-
-
-@dataclass
-class Example:
-    sku: str
-    title: str
-    uri: str
-    score: float
-    coarse: str
-    coarse_score: float | None
-    least_confident: bool = False
-
-
-@dataclass
-class ReportData:
-    run: dict
-    taxonomy: str | None
-    counts: dict[str, int]
-    bucket_s: int = 1
-    series: list[tuple[float, int, int]] = field(default_factory=list)  # (seconds since start, tagged, failed)
-    span_s: float = 0.0
-    failures: list[dict] = field(default_factory=list)
-    coarse: list[dict] = field(default_factory=list)  # {name, count, mean_score}
-    fine: list[dict] = field(default_factory=list)  # {name, parent, count, mean_score}
-    examples: dict[str, list[Example]] = field(default_factory=dict)
-    agreement: dict[str, tuple[int, int]] = field(default_factory=dict)  # level -> (matches, with truth)
-
-
-def _utc(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
-def _bucket_width(span_s: float) -> int:
-    return next((w for w in NICE_BUCKETS if span_s / w <= MAX_BUCKETS), NICE_BUCKETS[-1])
-
-
-def collect(database_url: str, run_id: int, *, examples: int = 6, least: int = 2, failure_examples: int = 5
-            ) -> ReportData:
-    """Everything the page shows, read in one session."""
-    in_run = TagState.run_id == run_id
-    with session_scope(database_url) as s:
-        run = get_run(s, run_id)
-        info = run_as_dict(run)
-        counts = dict(s.execute(select(TagState.status, func.count()).where(in_run).group_by(TagState.status)).all())
-        data = ReportData(run=info, taxonomy=s.scalar(select(ModelVersion.taxonomy).where(
-            ModelVersion.version == run.model_version)), counts={
-            "total": info["total"], "tagged": counts.get("tagged", 0), "failed": counts.get("failed", 0),
-            "remaining": info["remaining"]})
-
-        # Throughput: a batch's rows share one updated_at, so this is one row per written batch.
-        stamps = s.execute(select(TagState.updated_at, TagState.status, func.count()).where(in_run)
-                           .group_by(TagState.updated_at, TagState.status)).all()
-        if stamps:
-            start = _utc(run.created_at)
-            points = [(max(0.0, (_utc(t) - start).total_seconds()), st, n) for t, st, n in stamps]
-            data.span_s = max(p[0] for p in points)
-            data.bucket_s = _bucket_width(data.span_s)
-            buckets: dict[int, list[int]] = {}
-            for offset, status, n in points:
-                b = buckets.setdefault(int(offset // data.bucket_s), [0, 0])
-                b[0 if status == "tagged" else 1] += n
-            last = max(buckets)
-            data.series = [(i * data.bucket_s, *buckets.get(i, [0, 0])) for i in range(last + 1)]
-
-        # Failures by reason, with the first few SKUs of each.
-        reasons = s.execute(select(TagState.reason, func.count()).where(in_run, TagState.status == "failed")
-                            .group_by(TagState.reason).order_by(func.count().desc())).all()
-        rn = func.row_number().over(partition_by=TagState.reason, order_by=TagState.product_id).label("rn")
-        ranked = (select(TagState.reason, TagState.error, Product.sku, rn)
-                  .join(Product, Product.id == TagState.product_id)
-                  .where(in_run, TagState.status == "failed").subquery())
-        samples: dict[str | None, list[dict]] = {}
-        for reason, error, sku, _ in s.execute(select(ranked).where(ranked.c.rn <= failure_examples)
-                                               .order_by(ranked.c.reason, ranked.c.rn)):
-            samples.setdefault(reason, []).append({"sku": sku, "error": (error or "")[:300]})
-        data.failures = [{"reason": r or "unknown", "count": n, "examples": samples.get(r, [])} for r, n in reasons]
-
-        # Distribution of primary styles, every label of the taxonomy (zeros included).
-        labels = list(s.scalars(select(StyleLabel).where(StyleLabel.taxonomy == data.taxonomy)
-                                .order_by(StyleLabel.level, StyleLabel.position))) if data.taxonomy else []
-        tagged_primary = and_(TagState.product_id == ProductStyle.product_id, in_run, TagState.status == "tagged",
-                              ProductStyle.is_primary)
-        dist = {lid: (n, mean) for lid, n, mean in s.execute(
-            select(ProductStyle.label_id, func.count(), func.avg(ProductStyle.score))
-            .join(TagState, tagged_primary).group_by(ProductStyle.label_id))}
-        names = {lb.id: lb for lb in labels}
-        for lb in labels:
-            n, mean = dist.get(lb.id, (0, None))
-            row = {"name": lb.name, "count": n, "mean_score": None if mean is None else float(mean)}
-            if lb.level == "coarse":
-                data.coarse.append(row)
-            else:
-                data.fine.append({**row, "parent": names[lb.parent_id].name if lb.parent_id in names else ""})
-
-        # Examples per fine style: the most and the least confident primary tags.
-        fine_ids = [lb.id for lb in labels if lb.level == "fine"]
-        top = func.row_number().over(partition_by=ProductStyle.label_id,
-                                     order_by=(ProductStyle.score.desc(), ProductStyle.product_id)).label("top")
-        low = func.row_number().over(partition_by=ProductStyle.label_id,
-                                     order_by=(ProductStyle.score.asc(), ProductStyle.product_id)).label("low")
-        ranked = (select(ProductStyle.product_id, ProductStyle.label_id, ProductStyle.score, top, low)
-                  .join(TagState, tagged_primary).where(ProductStyle.label_id.in_(fine_ids)).subquery())
-        rows = s.execute(select(ranked, Product.sku, Product.title, Product.image_uri)
-                         .join(Product, Product.id == ranked.c.product_id)
-                         .where((ranked.c.top <= examples) | (ranked.c.low <= least))
-                         .order_by(ranked.c.label_id, ranked.c.top)).all() if fine_ids else []
-        coarse_of = {pid: (names[lid].name, score) for pid, lid, score in s.execute(
-            select(ProductStyle.product_id, ProductStyle.label_id, ProductStyle.score)
-            .join(StyleLabel, StyleLabel.id == ProductStyle.label_id)
-            .where(ProductStyle.product_id.in_([r.product_id for r in rows]), ProductStyle.is_primary,
-                   StyleLabel.level == "coarse"))} if rows else {}
-        for r in rows:
-            coarse, cscore = coarse_of.get(r.product_id, ("", None))
-            data.examples.setdefault(names[r.label_id].name, []).append(Example(
-                r.sku, r.title, r.image_uri, float(r.score), coarse, cscore,
-                least_confident=r.top > examples))
-
-        # Agreement with human-verified labels (style_truth), per level.
-        truth_level = (select(StyleLabel.level, func.count(func.distinct(StyleTruth.product_id)))
-                       .select_from(TagState).join(StyleTruth, StyleTruth.product_id == TagState.product_id)
-                       .join(StyleLabel, StyleLabel.id == StyleTruth.label_id)
-                       .where(in_run, TagState.status == "tagged").group_by(StyleLabel.level))
-        matches = dict(s.execute(
-            select(StyleLabel.level, func.count(func.distinct(ProductStyle.product_id)))
-            .join(TagState, tagged_primary).join(StyleLabel, StyleLabel.id == ProductStyle.label_id)
-            .join(StyleTruth, and_(StyleTruth.product_id == ProductStyle.product_id,
-                                   StyleTruth.label_id == ProductStyle.label_id))
-            .group_by(StyleLabel.level)).all())
-        data.agreement = {level: (matches.get(level, 0), n) for level, n in s.execute(truth_level).all()}
-    return data
 
 
 # --- rendering -------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Memory does not grow with catalog size: ids are read one page at a time and sent as they come.
 The database is the truth: ``resume`` re-enqueues whatever the run has not finished, so losing every
-queued message loses no work.
+queued message loses no work. Every change to the run goes through ``catalog.runs``.
 """
 
 from __future__ import annotations
@@ -11,81 +11,52 @@ import sys
 import time
 from collections.abc import Callable
 
-from sqlalchemy import select, update
-
+from catalog import runs
 from catalog.db import session_factory, session_scope
-from catalog.errors import NotFound, StyletagError
-from catalog.runs import count_products_to_tag, create_run, get_run, iter_products_to_tag, run_as_dict
-from catalog.schema import Product, TaggingRun, TagState
+from catalog.errors import StyletagError
 from catalog.settings import Settings
-from catalog.tags import finish_run_if_complete
+from worker.app import BULK_QUEUE
+from worker.producers.send import TAG_PRODUCTS, Sender
 
 DEFAULT_CHUNK = 1024
 
 
 def current_model_version(settings: Settings) -> str:
     """The model_version of the configured checkpoint, read from its metadata without torch."""
-    from worker.modelinfo import checkpoint_metadata
+    from catalog.errors import ConfigError
+    from model.errors import CheckpointError
+    from model.metadata import CheckpointMeta
+    from worker.context import checkpoint_path
 
-    return checkpoint_metadata(settings)["model_version"]
+    try:
+        return CheckpointMeta.read(checkpoint_path(settings)).model_version
+    except CheckpointError as exc:
+        raise ConfigError(f"model {exc}; set STYLETAG_MODEL to a .safetensors checkpoint") from None
 
 
 def start_run(settings: Settings, *, scope: str, kind: str = "manual", model_version: str | None = None) -> int:
     version = model_version or current_model_version(settings)
     with session_scope(settings.database_url) as session:
-        run = create_run(session, kind=kind, scope=scope, model_version=version)
-        return run.id
+        return runs.create_run(session, kind=kind, scope=scope, model_version=version).id
 
 
-def stream_run_ids(settings: Settings, run_id: int, *, resume: bool, page: int = 1000, count_total: bool = True):
+def stream_run_ids(settings: Settings, run_id: int, *, resume: bool, page: int = 1000):
     """Yield pages of ids of the run that are still to do; on a fresh run, grow its total as we go."""
-    factory = session_factory(settings.database_url)
     with session_scope(settings.database_url) as session:
-        run = get_run(session, run_id)
-    for ids in iter_products_to_tag(factory, run, page=page, include_failed=resume):
-        if count_total and not resume:
+        run = runs.get_run(session, run_id)
+    for ids in runs.iter_products_to_tag(session_factory(settings.database_url), run, page=page,
+                                         include_failed=resume):
+        if not resume:
             with session_scope(settings.database_url) as session:
-                r = session.get(TaggingRun, run_id, with_for_update=True)
-                r.total += len(ids)
+                runs.add_to_total(session, run_id, len(ids))
         yield ids
 
 
 def mark_running(settings: Settings, run_id: int, *, retry_failed: bool = False) -> int:
-    """Let workers finish the run. With ``retry_failed`` (a resume), the run's failed products are
-    taken out of its ``failed`` counter and detached from it (``tag_state.run_id`` NULL; status and
-    reason kept until they are retried), in one transaction: each then counts again, once, when it is
-    retried, and the run is not done before they all have been. Returns how many were detached."""
+    """Let workers finish the run (see ``catalog.runs.mark_running``); returns how many failed products
+    a resume detached to retry them."""
     with session_scope(settings.database_url) as session:
-        detached = _detach_failed(session, run_id) if retry_failed else 0
-        run = session.get(TaggingRun, run_id, with_for_update=True)
-        if run is None:
-            raise NotFound(f"no run {run_id}")
-        run.failed = run.failed - detached
-        if retry_failed:
-            # What a resume will send is what the run still has to do. Its total is recounted as done +
-            # failed + that, so products its producer never reached (it died mid-enqueue: the total
-            # grows page by page) are counted too. Writers wait on this row lock, so nothing is counted
-            # twice: a product being written now is either still to do here or already in ``done``.
-            run.total = run.done + run.failed + count_products_to_tag(session, run, include_failed=True)
-        run.status = "running"
-        run.finished_at = None
-        finish_run_if_complete(session, run_id)
-        return detached
-
-
-def _detach_failed(session, run_id: int) -> int:
-    # Lock the products first, in id order, as catalog.tags.write_batch does (no deadlock with a
-    # worker writing one of them); a write waiting on them then sees them detached and counts once.
-    session.execute(
-        select(Product.id).join(TagState, TagState.product_id == Product.id)
-        .where(TagState.run_id == run_id, TagState.status == "failed")
-        .order_by(Product.id).with_for_update(of=Product)
-    ).all()
-    table = TagState.__table__
-    result = session.execute(
-        update(table).where(table.c.run_id == run_id, table.c.status == "failed").values(run_id=None)
-    )
-    return result.rowcount or 0
+        return runs.mark_running(session, run_id, retry_failed=retry_failed)
 
 
 def enqueue_run(
@@ -94,12 +65,14 @@ def enqueue_run(
     *,
     resume: bool = False,
     chunk: int = DEFAULT_CHUNK,
-    send: Callable[[int, list[int]], None] | None = None,
+    send: Callable[..., None] | None = None,
     progress: bool = False,
 ) -> int:
-    """Send the run's ids to the ``bulk`` queue in chunks; returns how many ids were sent."""
+    """Send the run's ids to the ``bulk`` queue in chunks; returns how many ids were sent. ``send`` is a
+    :class:`~worker.producers.send.Sender` already open (the nightly producer's, which refreshes its lock)."""
     if send is None:
-        send = _celery_sender(settings)
+        with Sender(settings) as sender:
+            return enqueue_run(settings, run_id, resume=resume, chunk=chunk, send=sender, progress=progress)
     sent = 0
     buffer: list[int] = []
     bar = _bar(progress, desc=f"enqueue run {run_id}", unit="products")
@@ -108,41 +81,18 @@ def enqueue_run(
     for ids in stream_run_ids(settings, run_id, resume=resume):
         buffer.extend(ids)
         while len(buffer) >= chunk:
-            send(run_id, buffer[:chunk])
+            send(TAG_PRODUCTS, (run_id, buffer[:chunk]), queue=BULK_QUEUE)
             sent += chunk
             bar.update(chunk)
             del buffer[:chunk]
     if buffer:
-        send(run_id, buffer)
+        send(TAG_PRODUCTS, (run_id, buffer), queue=BULK_QUEUE)
         sent += len(buffer)
         bar.update(len(buffer))
     bar.close()
     if not resume:
         mark_running(settings, run_id)
     return sent
-
-
-def _celery_sender(settings: Settings) -> Callable[[int, list[int]], None]:
-    from kombu.exceptions import OperationalError as KombuOperationalError
-
-    from worker.app import BULK_QUEUE, broker_connection
-    from worker.tasks import tag_products
-
-    def send(run_id: int, ids: list[int]) -> None:
-        try:
-            # The broker named by the settings, not whatever the app was configured with at import.
-            with broker_connection(settings) as conn:
-                tag_products.apply_async(args=(run_id, ids), queue=BULK_QUEUE, retry=True, connection=conn,
-                                         retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1})
-        except KombuOperationalError as exc:
-            from catalog.errors import ServiceUnavailable
-            from catalog.settings import redact_url
-
-            raise ServiceUnavailable(
-                f"cannot reach the broker at {redact_url(settings.broker_url)}: {str(exc).splitlines()[0][:120]}"
-            ) from None
-
-    return send
 
 
 def run_inline(settings: Settings, run_id: int, *, resume: bool = False, progress: bool = True):
@@ -177,7 +127,7 @@ def run_inline(settings: Settings, run_id: int, *, resume: bool = False, progres
     report = pipeline.run(run_id, ids(), on_batch=on_batch)
     bar.close()
     with session_scope(settings.database_url) as session:
-        finish_run_if_complete(session, run_id)
+        runs.finish_if_complete(session, run_id)
     report.wall_s = time.perf_counter() - t0
     return report
 
@@ -189,13 +139,13 @@ def wait_for_run(settings: Settings, run_id: int, *, progress: bool = True, poll
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         with session_scope(settings.database_url) as session:
-            info = run_as_dict(get_run(session, run_id))
+            info = runs.run_as_dict(runs.get_run(session, run_id))
         if bar is not None:
             bar.total = info["total"]
             bar.n = info["done"] + info["failed"]
             bar.set_postfix(done=info["done"], failed=info["failed"], refresh=False)
             bar.refresh()
-        if info["status"] in ("done", "cancelled"):
+        if info["status"] in (runs.RunStatus.DONE, runs.RunStatus.CANCELLED):
             bar.close()
             return info
         if deadline is not None and time.monotonic() > deadline:

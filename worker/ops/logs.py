@@ -17,46 +17,30 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 import time
-from urllib.parse import unquote, urlsplit
 
-JSON_ENV = "STYLETAG_LOG_JSON"
+from catalog.errors import ConfigError
+from catalog.settings import LOG_JSON_ENV, env_flag, environment_secrets, export_log_json, process_identity
+
 # Extra fields a record may carry (``log.info(..., extra={...})``) that JSON lines keep as fields.
 FIELDS = ("run_id", "task_id", "task", "batch_size", "tagged", "failed", "skipped_newer", "redelivered", "retries",
           "seconds", "stages")
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
 _KV_PASSWORD = re.compile(r"(?P<key>\b(?:password|passwd|pwd|secret|token)\s*[=:]\s*)(?P<pw>[^\s&;,'\"]+)", re.I)
-_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|_AUTH$|CREDENTIAL|PRIVATE_KEY", re.I)
-_MIN_SECRET = 4  # shorter values would scrub ordinary words
 
 
 def json_enabled() -> bool:
-    return os.environ.get(JSON_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return env_flag(LOG_JSON_ENV)
+    except ConfigError:
+        return False
 
 
 def _secrets() -> list[str]:
-    """Secret values from the environment, longest first (so that no fragment is left behind)."""
-    found: set[str] = set()
-    for name, value in os.environ.items():
-        if not value:
-            continue
-        if _SECRET_NAME.search(name):
-            found.add(value)
-            if ":" in value and name.upper().endswith("_AUTH"):  # user:password (FLOWER_BASIC_AUTH)
-                found.add(value.split(":", 1)[1])
-        if "://" in value and "@" in value:  # a URL setting with a password in it (or a ';' list of them)
-            for part in value.split(";"):
-                try:
-                    password = urlsplit(part.strip()).password
-                except ValueError:
-                    password = None
-                if password:
-                    found.update((password, unquote(password)))
-    return sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
+    return environment_secrets()
 
 
 def scrub(text: str, secrets: list[str] | None = None) -> str:
@@ -136,9 +120,8 @@ class JsonFormatter(logging.Formatter):
             if task_id is not None:
                 out["task_id"] = task_id
                 out.setdefault("task", task_name)
-        for key, env in (("queue", "STYLETAG_QUEUE"), ("gpu", "STYLETAG_GPU")):
-            if os.environ.get(env):
-                out[key] = os.environ[env]
+        for key, value in process_identity().items():
+            out[key] = value
         if record.exc_info or record.exc_text:
             text = record.exc_text or self.formatException(record.exc_info)
             out["exc"] = scrub(text, secrets)
@@ -151,7 +134,7 @@ PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def configure_logging(level: str = "INFO", *, json_lines: bool | None = None) -> None:
     """The CLI's logging: one stderr handler, scrubbed, plain or JSON lines."""
     if json_lines:
-        os.environ[JSON_ENV] = "1"  # the Celery processes the launcher starts inherit it
+        export_log_json()  # the Celery processes the launcher starts inherit it
     elif json_lines is None:
         json_lines = json_enabled()
     handler = logging.StreamHandler(sys.stderr)

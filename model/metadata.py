@@ -1,0 +1,121 @@
+"""A checkpoint's metadata, typed, read without torch (the producer, the CLI and the registry stay light).
+
+A checkpoint is one ``.safetensors`` file whose string metadata key ``styletag`` holds JSON (see
+``docs/model.md``). :func:`read_metadata` parses that header (never a pickle) and :class:`CheckpointMeta`
+gives it types. ``model.checkpoint`` (torch) writes and verifies checkpoints on top of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, TaxonomyError
+from .taxonomy import Taxonomy
+
+META_KEY = "styletag"
+REQUIRED = ("taxonomy", "backbone", "input_size", "channels", "mean", "std", "model_version")
+DEFAULT_THRESHOLDS = {"coarse": 0.5, "fine": 0.5}
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def check_header(path: Path) -> None:
+    """Refuse anything that is not a safetensors file before parsing it (a pickle is never opened)."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and n <= os.path.getsize(path):
+            return  # a safetensors header (its length may well start with byte 0x80, like a pickle)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise CheckpointError(f"{path} is a pickle/torch.save file; refusing to unpickle it (use a .safetensors checkpoint)")
+    raise CheckpointError(f"{path} is not a safetensors file")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The styletag metadata of a checkpoint as a dict (no tensor is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    check_header(path)
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
+    raw = (header.get("__metadata__") or {}).get(META_KEY) if isinstance(header, dict) else None
+    if raw is None:
+        raise CheckpointError(f"{path} has no styletag metadata; it was not written by styletag train")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: styletag metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: styletag metadata is not a JSON object")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}")
+    return meta
+
+
+def _trained_at(raw: str | None) -> datetime:
+    if not raw:
+        return EPOCH
+    try:
+        dt = datetime.fromisoformat(raw)
+    except ValueError:
+        return EPOCH
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """The fields the worker, the registry and evaluation use; ``raw`` keeps everything else."""
+
+    model_version: str
+    taxonomy: Taxonomy
+    backbone: str
+    input_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    thresholds: dict[str, float]
+    trained_at: datetime
+    command: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, meta: dict[str, Any], source: str = "checkpoint") -> CheckpointMeta:
+        try:
+            taxonomy = Taxonomy.from_dict(meta["taxonomy"])
+        except TaxonomyError as exc:
+            raise CheckpointError(f"{source}: bad taxonomy in metadata: {exc}") from None
+        try:
+            thresholds = {**DEFAULT_THRESHOLDS, **(meta.get("thresholds") or {})}
+            return cls(
+                model_version=str(meta["model_version"]),
+                taxonomy=taxonomy,
+                backbone=str(meta["backbone"]),
+                input_size=int(meta["input_size"]),
+                channels=int(meta["channels"]),
+                mean=tuple(float(x) for x in meta["mean"]),
+                std=tuple(float(x) for x in meta["std"]),
+                thresholds={k: float(v) for k, v in thresholds.items()},
+                trained_at=_trained_at(meta.get("trained_at")),
+                command=str(meta.get("command") or ""),
+                metrics=dict(meta.get("metrics") or {}),
+                raw=dict(meta),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: malformed metadata ({exc.__class__.__name__}: {exc})") from None
+
+    @classmethod
+    def read(cls, path: str | Path) -> CheckpointMeta:
+        return cls.from_dict(read_metadata(path), str(path))
