@@ -93,12 +93,14 @@ def test_commands_work_in_process():
     import click
     from click.testing import CliRunner
 
-    from catalog.cli import db, facets, find, import_cmd, tags
+    from catalog.cli.db import db
+    from catalog.cli.intake import import_cmd
+    from catalog.cli.storefront import facets, find, tags
 
     group = click.Group(commands=[db, import_cmd, tags, find, facets])
     assert import_cmd.name == "import" and "fashion-mnist" in import_cmd.commands
     result = CliRunner().invoke(group, ["find", "--help"])
     assert result.exit_code == 0 and "--min-score" in result.output
-    code = "import sys, catalog.cli, catalog.queries, catalog.storage, catalog.importers, catalog.tags; " \
+    code = "import sys, catalog.cli.db, catalog.cli.intake, catalog.cli.storefront, catalog.queries, catalog.storage, catalog.importers, catalog.tags; " \
            "sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

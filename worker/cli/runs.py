@@ -1,0 +1,130 @@
+"""``styletag retag``, ``runs`` and ``enqueue``: start, follow and feed tagging runs."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from catalog.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+@click.command("retag")
+@click.option("--all", "scope", flag_value="all", help="Retag every product.")
+@click.option("--changed-only", "scope", flag_value="changed", default=True,
+              help="Only products whose model or image version changed (default).")
+@click.option("--wait", is_flag=True, help="Follow the run's progress until it finishes.")
+@click.option("--inline", is_flag=True, help="Run the pipeline in this process (no broker).")
+@click.option("--resume", "resume", type=int, default=None, metavar="RUN_ID",
+              help="Re-enqueue what run RUN_ID has not finished.")
+@click.option("--kind", type=click.Choice(["manual", "nightly"]), default="manual", show_default=True)
+@click.option("--chunk", type=int, default=1024, show_default=True, help="Product ids per bulk task.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON at the end.")
+def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json) -> None:
+    """Tag the catalog: create a run, enqueue its products (or tag them inline)."""
+    from catalog.db import session_scope
+    from catalog.runs import get_run, run_as_dict
+    from worker.producers.retag import enqueue_run, run_inline, start_run, wait_for_run
+
+    settings = _settings()
+    enqueued = False  # a nightly run not tagged inline comes back enqueued already
+    if kind == "nightly" and resume is None:
+        # The same guard as beat's: never two nightly runs at once (Redis lock + database claim).
+        run_id = _start_nightly_from_cli(settings, scope, inline, chunk, as_json)
+        enqueued = not inline
+    else:
+        run_id = resume if resume is not None else start_run(settings, scope=scope, kind=kind)
+    if resume is not None:
+        with session_scope(settings.database_url) as session:
+            get_run(session, resume)
+    try:
+        if inline:
+            report = run_inline(settings, run_id, resume=resume is not None, progress=True)
+            rate = report.products / report.wall_s if report.wall_s else 0.0
+            click.echo(f"run {run_id}: {report.tagged} tagged, {report.failed} failed in {report.wall_s:.1f}s "
+                       f"({rate:.0f} images/s)", err=as_json)
+        elif not enqueued:
+            sent = enqueue_run(settings, run_id, resume=resume is not None, chunk=chunk, progress=False)
+            click.echo(f"run {run_id}: enqueued {sent} products", err=as_json)
+    except BaseException:
+        if resume is None:  # never leave a run stuck in 'enqueuing'; 'retag --resume' can still finish it
+            from catalog.runs import cancel_run
+
+            with session_scope(settings.database_url) as session:
+                cancel_run(session, run_id)
+        raise
+    if wait and not inline:
+        wait_for_run(settings, run_id, progress=True, timeout=timeout)
+    with session_scope(settings.database_url) as session:
+        info = run_as_dict(get_run(session, run_id))
+    if as_json:
+        click.echo(json.dumps(info))
+    elif wait or inline:
+        click.echo(_run_line(info))
+
+
+def _start_nightly_from_cli(settings, scope: str, inline: bool, chunk: int, as_json: bool) -> int:
+    """``retag --kind nightly``: through beat's guard, so a manual nightly never doubles a running one.
+    Returns the new run's id (enqueued already unless ``inline``); a nightly still going is an error."""
+    from catalog.errors import StyletagError
+    from worker.producers.nightly import claim_nightly, start_nightly
+    from worker.producers.retag import current_model_version
+
+    if scope != "changed":
+        raise StyletagError("a nightly run is --changed-only; use --kind manual with --all")
+    if inline:
+        claim = claim_nightly(settings, current_model_version(settings))
+        busy = claim.get("busy")
+    else:
+        out = start_nightly(settings, chunk=chunk, report_skip=False)
+        if out["started"]:
+            click.echo(f"run {out['run_id']}: enqueued {out['enqueued']} products", err=as_json)
+            return int(out["run_id"])
+        if out["reason"] == "locked":
+            raise StyletagError("another nightly run is being started right now; not starting one")
+        busy = out["run"]
+    if busy is not None:
+        raise StyletagError(f"nightly run {busy['id']} is still {busy['status']} ({busy['done']} done, "
+                            f"{busy['failed']} failed of {busy['total']}); not starting another "
+                            f"('styletag retag --resume {busy['id']}' re-enqueues what it has not done)")
+    return int(claim["created"])
+
+
+def _run_line(info: dict) -> str:
+    return (f"run {info['id']:>5}  {info['kind']:<8} {info['scope']:<8} {info['status']:<9} "
+            f"done {info['done']:>8} failed {info['failed']:>6} total {info['total']:>8}  "
+            f"model {info['model_version'][:16]}  started {info['created_at']}")
+
+
+@click.command("runs")
+@click.argument("run_id", type=int, required=False)
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def runs_cmd(run_id, limit, as_json) -> None:
+    """Show tagging runs and their counters."""
+    from catalog.db import session_scope
+    from catalog.runs import get_run, list_runs, run_as_dict
+
+    settings = _settings()
+    with session_scope(settings.database_url) as session:
+        runs = [run_as_dict(get_run(session, run_id))] if run_id else [run_as_dict(r) for r in list_runs(session, limit)]
+    if as_json:
+        click.echo(json.dumps(runs[0] if run_id else runs, default=str))
+        return
+    for info in runs:
+        click.echo(_run_line(info))
+
+
+@click.command("enqueue")
+@click.argument("skus", nargs=-1, required=True)
+def enqueue_cmd(skus) -> None:
+    """Enqueue products (new uploads) by SKU onto the uploads queue."""
+    from worker.producers.uploads import enqueue_uploads
+
+    ids = enqueue_uploads(list(skus), _settings())
+    click.echo(f"enqueued {len(ids)} products on the uploads queue")

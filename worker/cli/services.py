@@ -1,0 +1,61 @@
+"""``styletag worker``, ``beat`` and ``metrics``: the long-running services."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from catalog.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+@click.command("worker")
+@click.option("--gpus", default="auto", show_default=True, help="all | none | comma-separated GPU ids.")
+@click.option("--queues", default="uploads,bulk", show_default=True, help="Queues to serve.")
+@click.option("--threads", type=int, default=None, help="torch threads per worker (CPU inference).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--metrics-port", type=int, default=0, help="First Prometheus port (one per worker process).")
+@click.option("--bulk-procs", type=int, default=1, show_default=True,
+              help="Bulk pool processes per GPU (each loads the model; use spare cores, see docs/operations.md).")
+@click.option("--dry-run", is_flag=True, help="Print the worker processes that would start, as JSON.")
+def worker_cmd(gpus, queues, threads, loglevel, metrics_port, bulk_procs, dry_run) -> None:
+    """Start one Celery worker per GPU and queue group, each pinned with CUDA_VISIBLE_DEVICES."""
+    from worker.ops.launcher import build_specs, parse_gpus, parse_queues, run_workers
+
+    specs = build_specs(parse_gpus(gpus), parse_queues(queues), threads=threads, loglevel=loglevel,
+                        metrics_port=metrics_port, bulk_procs=bulk_procs)
+    if dry_run:
+        click.echo(json.dumps([{"node": s.nodename, "gpu": s.gpu, "queue": s.queue,
+                                "CUDA_VISIBLE_DEVICES": s.env["CUDA_VISIBLE_DEVICES"], "argv": list(s.argv)}
+                               for s in specs], indent=2))
+        return
+    sys.exit(run_workers(specs))
+
+
+@click.command("beat")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--schedule-file", default=None, help="Where beat keeps its state (default: $STYLETAG_HOME).")
+def beat_cmd(loglevel, schedule_file) -> None:
+    """Run Celery beat: the nightly 'retag --changed-only' at STYLETAG_NIGHTLY_CRON."""
+    from worker.app import app
+    from worker.ops.beat import configure_beat
+
+    settings = _settings()
+    configure_beat(settings)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    path = schedule_file or str(settings.home / "celerybeat-schedule")
+    app.Beat(loglevel=loglevel, schedule=path).run()
+
+
+@click.command("metrics")
+@click.option("--port", type=int, default=9108, show_default=True)
+def metrics_cmd(port) -> None:
+    """Serve deployment metrics (queue depth per queue, counters of unfinished runs) for Prometheus."""
+    from worker.ops.metrics import serve_exporter
+
+    serve_exporter(port, _settings())
