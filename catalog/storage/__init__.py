@@ -42,7 +42,7 @@ register(S3Backend)
 register(HttpBackend)
 
 __all__ = [
-    "MAX_URI_LENGTH", "Backend", "Fetched", "FileBackend", "FileStore", "HttpBackend", "ImageReader", "Location",
-    "ObjectInfo", "S3Backend", "S3Store", "Store", "WritableBackend", "check_uri", "head_location", "open_store",
-    "parse_uri", "read_location", "register", "reset_s3_client", "s3_client",
+    "MAX_URI_LENGTH", "Backend", "Fetched", "FileBackend", "FileStore", "HttpBackend", "ImageReader",
+    "Location", "ObjectInfo", "S3Backend", "S3Store", "Store", "WritableBackend", "check_uri",
+    "head_location", "open_store", "parse_uri", "read_location", "register", "reset_s3_client", "s3_client",
 ]

@@ -39,6 +39,10 @@ def file_version(st: os.stat_result) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
+def outside(uri: str) -> ForbiddenURI:
+    return ForbiddenURI(f"image URI {uri[:200]!r} resolves (through a symlink) outside the allowed prefixes")
+
+
 def file_error(exc: OSError, uri: str) -> StorageError:
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return ObjectMissing(f"no object at {uri[:200]}")
@@ -47,7 +51,7 @@ def file_error(exc: OSError, uri: str) -> StorageError:
     if exc.errno == errno.ELOOP:
         return ForbiddenURI(f"image URI {uri[:200]!r} became a symlink while being read")
     if exc.errno == errno.EXDEV:
-        return ForbiddenURI(f"image URI {uri[:200]!r} resolves (through a symlink) outside the allowed prefixes")
+        return outside(uri)
     if exc.errno == errno.ENAMETOOLONG:
         return ForbiddenURI(f"image URI {uri[:200]!r} names no readable file: {exc.strerror}")
     if exc.errno in TRANSIENT_ERRNOS:
@@ -146,7 +150,7 @@ HAVE_OPENAT2 = _probe_openat2()
 
 
 class FileBackend:
-    """Reads and writes confined to ``roots`` (absolute folder paths: the allowed prefixes, or a store's root)."""
+    """Reads and writes confined to ``roots``: folder paths (the allowed prefixes, or a store's root)."""
 
     schemes = ("file",)
     syntax = staticmethod(uris.local_path)
@@ -158,7 +162,8 @@ class FileBackend:
 
     @classmethod
     def from_settings(cls, settings) -> FileBackend:
-        return cls([p.path for p in uris.parse_prefixes(settings.allowed_image_prefixes) if p.scheme == "file"])
+        prefixes = uris.parse_prefixes(settings.allowed_image_prefixes)
+        return cls([p.path for p in prefixes if p.scheme == "file"])
 
     # -- reading
     def _open(self, loc: Location) -> int:
@@ -166,7 +171,7 @@ class FileBackend:
         probe = Location(uri=loc.uri, scheme="file", path=real)
         roots = [r for r in self.roots if uris.under(probe, Location(uri="", scheme="file", path=r))]
         if not roots:
-            raise ForbiddenURI(f"image URI {loc.uri[:200]!r} resolves (through a symlink) outside the allowed prefixes")
+            raise outside(loc.uri)
         root = max(roots, key=len)
         rel = real[len(root):].lstrip("/")
         if not rel:  # the prefix names this very file (or folder)
@@ -190,7 +195,8 @@ class FileBackend:
             raise file_error(exc, loc.uri) from None
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise ForbiddenURI(f"image URI {loc.uri[:200]!r} is not a regular file (directory, FIFO or device)")
+            raise ForbiddenURI(
+                f"image URI {loc.uri[:200]!r} is not a regular file (directory, FIFO or device)")
         return fd, st
 
     def head(self, loc: Location) -> ObjectInfo:
@@ -260,7 +266,8 @@ class FileBackend:
                 os.unlink(tmp)
             except OSError:
                 pass
-            raise StorageError(f"cannot write {loc.uri[:200]}: {exc.strerror or exc.__class__.__name__}") from None
+            why = exc.strerror or exc.__class__.__name__
+            raise StorageError(f"cannot write {loc.uri[:200]}: {why}") from None
         return ObjectInfo(size=st.st_size, version=file_version(st))
 
 

@@ -26,14 +26,16 @@ from catalog.storage.uri import Location
 MAX_REDIRECTS = 5
 _REDIRECTS = {301, 302, 303, 307, 308}
 _MAX_VERSION = 96  # products.image_version is 128 characters; a longer ETag is hashed
-_getaddrinfo = socket.getaddrinfo  # tests point a host name at an address through this
+# The two calls that touch DNS and the network, named so that tests can watch them.
+_getaddrinfo = socket.getaddrinfo
+_create_connection = socket.create_connection
 
 
 def special_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """What makes an address off limits for a host name, or None for a public address."""
     mapped = getattr(ip, "ipv4_mapped", None)
     ip = mapped or ip
-    for kind in ("loopback", "private", "link_local", "multicast", "unspecified", "reserved"):
+    for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
     return None if ip.is_global else "non-global"
@@ -62,7 +64,14 @@ class HttpBackend:
         self.allowed = tuple(p for p in uris.parse_prefixes(allowed) if p.scheme in self.schemes)
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_bytes = max_bytes  # for a ``head`` that has to GET the body to know its version
-        self.ssl_context = ssl_context or ssl.create_default_context()
+        self._ssl_context = ssl_context
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The system's trust store, verified as usual (made on first use: loading it takes a while)."""
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpBackend:
@@ -137,14 +146,16 @@ class HttpBackend:
             infos = _getaddrinfo(loc.host, loc.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             if exc.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", None)):
-                raise TransientStorageError(f"cannot resolve {loc.host} for {original.uri[:200]}; retry later") from None
+                raise TransientStorageError(
+                    f"cannot resolve {loc.host} for {original.uri[:200]}; retry later") from None
             raise StorageError(f"host {loc.host} of {original.uri[:200]} does not resolve") from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
         for address in addresses:
             kind = special_address(ipaddress.ip_address(address.split("%", 1)[0]))
             if kind:
-                raise ForbiddenURI(f"image URI {original.uri[:200]!r}: host {loc.host} resolves to the {kind} "
-                                   f"address {address}; only a prefix naming that address literally allows it")
+                raise ForbiddenURI(f"image URI {original.uri[:200]!r}: host {loc.host} resolves to the "
+                                   f"{kind} address {address}; only a prefix naming that address "
+                                   "literally allows it")
         if not addresses:
             raise StorageError(f"host {loc.host} of {original.uri[:200]} does not resolve")
         return addresses
@@ -153,7 +164,7 @@ class HttpBackend:
         sock, error = None, None
         for address in self._addresses(loc, original):
             try:
-                sock = socket.create_connection((address, loc.port), timeout=self.connect_timeout)
+                sock = _create_connection((address, loc.port), timeout=self.connect_timeout)
                 break
             except OSError as exc:
                 error = exc

@@ -16,7 +16,7 @@ from typing import TypeVar
 from catalog.errors import ConfigError, ForbiddenURI, StorageError, TransientStorageError
 from catalog.settings import Settings
 from catalog.storage.files import file_error
-from catalog.storage.registry import Backend, Fetched, ObjectInfo, open_backends
+from catalog.storage.registry import Backend, Fetched, ObjectInfo, open_backends, too_large
 from catalog.storage.uri import Location, check_uri, parse_prefixes
 
 T = TypeVar("T")
@@ -35,7 +35,8 @@ class ImageReader:
         settings = settings or Settings()
         self.allowed_prefixes = tuple(allowed_prefixes)
         self.max_bytes = int(settings.max_image_bytes if max_bytes is None else max_bytes)
-        self.settings = replace(settings, allowed_image_prefixes=self.allowed_prefixes, max_image_bytes=self.max_bytes)
+        self.settings = replace(settings, allowed_image_prefixes=self.allowed_prefixes,
+                                max_image_bytes=self.max_bytes)
         self._prefixes = parse_prefixes(self.allowed_prefixes)
         self.backends = open_backends(self.settings, {p.scheme for p in self._prefixes})
         self.backends.update(backends or {})
@@ -58,7 +59,10 @@ class ImageReader:
 
     def _fetch(self, uri: str) -> Fetched:
         loc, backend = self._locate(uri)
-        return backend.read(loc, self.max_bytes)
+        fetched = backend.read(loc, self.max_bytes)
+        if len(fetched.data) > self.max_bytes:  # every backend stops at the limit; this one did not
+            raise too_large(loc.uri, len(fetched.data), self.max_bytes)
+        return fetched
 
     def get(self, uri: str) -> bytes:
         return self.fetch(uri).data
@@ -80,10 +84,12 @@ class ImageReader:
     def get_many(self, uris: Sequence[str], max_workers: int | None = None) -> list[bytes | StorageError]:
         return [r.data if isinstance(r, Fetched) else r for r in self.fetch_many(uris, max_workers)]
 
-    def head_many(self, uris: Sequence[str], max_workers: int | None = None) -> list[ObjectInfo | StorageError]:
+    def head_many(self, uris: Sequence[str],
+                  max_workers: int | None = None) -> list[ObjectInfo | StorageError]:
         return self._many(self.head, uris, max_workers)
 
-    def _many(self, one: Callable[[str], T], uris: Sequence[str], max_workers: int | None) -> list[T | StorageError]:
+    def _many(self, one: Callable[[str], T], uris: Sequence[str],
+              max_workers: int | None) -> list[T | StorageError]:
         if not uris:
             return []
 

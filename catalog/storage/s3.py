@@ -83,7 +83,8 @@ def s3_error(exc: Exception, uri: str) -> StorageError:
             return StorageError(f"S3 refused the byte range for {uri} ({code})")
         return StorageError(f"S3 error {code or status} for {uri}")
     if isinstance(exc, NoCredentialsError):
-        return StorageError(f"no S3 credentials for {uri}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+        return StorageError(f"no S3 credentials for {uri}; "
+                            "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
     if isinstance(exc, BotoCoreError):
         return TransientStorageError(f"S3 unreachable for {uri}: {exc.__class__.__name__}; retry later")
     return TransientStorageError(f"S3 read failed for {uri}: {exc.__class__.__name__}")

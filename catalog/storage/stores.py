@@ -33,7 +33,8 @@ class Store:
         """Write ``data``; the version returned is the one ``head`` and a read will report."""
         return self.backend.put(self.location(check_key(key)), data, content_type)
 
-    def put_if_changed(self, key: str, data: bytes, content_type: str | None = None) -> tuple[ObjectInfo, bool]:
+    def put_if_changed(self, key: str, data: bytes,
+                       content_type: str | None = None) -> tuple[ObjectInfo, bool]:
         """Write unless the store already holds exactly these bytes: (info, written). Importers use it,
         so that a re-import keeps every version (and nothing is retagged)."""
         loc = self.location(check_key(key))
@@ -97,7 +98,8 @@ def open_store(url: str, settings: Settings | None = None) -> Store:
     make = STORES.get(backend_class(loc.scheme))
     if make is None:
         kinds = " or ".join(sorted(f"{s}://" for cls in STORES for s in cls.schemes))
-        raise ConfigError(f"bad store URL {url[:200]!r}: a store must be {kinds} ({loc.scheme}:// is read-only)")
+        raise ConfigError(f"bad store URL {url[:200]!r}: a store must be {kinds} "
+                          f"({loc.scheme}:// is read-only)")
     return make(loc, settings)
 
 

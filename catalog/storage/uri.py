@@ -81,7 +81,8 @@ def parse_uri(uri: str) -> Location:
 
 def under(loc: Location, prefix: Location) -> bool:
     """Prefix match on scheme, bucket, host, port and then path segments."""
-    if (loc.scheme, loc.bucket, loc.host, loc.port) != (prefix.scheme, prefix.bucket, prefix.host, prefix.port):
+    if (loc.scheme, loc.bucket, loc.host, loc.port) != (prefix.scheme, prefix.bucket, prefix.host,
+                                                         prefix.port):
         return False
     base = prefix.name.rstrip("/")
     return base == "" or loc.name == base or loc.name.startswith(base + "/")
@@ -111,7 +112,8 @@ def check_uri(uri: str, allowed_prefixes: Sequence[str | Location]) -> Location:
                            f"(STYLETAG_ALLOWED_IMAGE_PREFIXES) name {named}")
     if any(under(loc, p) for p in prefixes):
         return loc
-    raise ForbiddenURI(f"image URI {uri[:200]!r} is outside the allowed prefixes (STYLETAG_ALLOWED_IMAGE_PREFIXES)")
+    raise ForbiddenURI(f"image URI {uri[:200]!r} is outside the allowed prefixes "
+                       "(STYLETAG_ALLOWED_IMAGE_PREFIXES)")
 
 
 def check_key(key: str) -> str:

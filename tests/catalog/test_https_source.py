@@ -132,8 +132,8 @@ def server():
 
 def _reader(prefixes, **settings) -> ImageReader:
     base = Settings(http_connect_timeout=2.0, http_read_timeout=1.0)
-    return ImageReader.from_settings(replace(base, allowed_image_prefixes=tuple(prefixes), max_image_bytes=MAX,
-                                             **settings))
+    settings = replace(base, allowed_image_prefixes=tuple(prefixes), max_image_bytes=MAX, **settings)
+    return ImageReader.from_settings(settings)
 
 
 @pytest.fixture
@@ -202,7 +202,8 @@ def test_connect_timeout(server):
                     break
             else:
                 pytest.skip("could not fill the accept queue of a loopback socket")
-            reader = _reader([f"http://127.0.0.1:{port}/img/"], http_connect_timeout=0.3, http_read_timeout=10.0)
+            reader = _reader([f"http://127.0.0.1:{port}/img/"], http_connect_timeout=0.3,
+                             http_read_timeout=10.0)
             t0 = time.monotonic()
             with pytest.raises(TransientStorageError, match="timed out connecting"):
                 reader.get(f"http://127.0.0.1:{port}/img/a.png")
@@ -253,14 +254,16 @@ def test_http_only_where_a_prefix_names_it(server):
     https_only = _reader([f"https://127.0.0.1:{server.port}/img/"])
     with pytest.raises(ForbiddenURI, match="scheme 'http' not allowed"):
         https_only.get(url(server, "/img/a.png"))
-    for other in (url(server, "/imgX/a.png"), url(server, "/a.png"), f"http://127.0.0.1:{server.port + 1}/img/a.png",
+    for other in (url(server, "/imgX/a.png"), url(server, "/a.png"),
+                  f"http://127.0.0.1:{server.port + 1}/img/a.png",
                   url(server, "/img/../private/secret.png"), url(server, "/img/%2e%2e/private/secret.png"),
                   f"http://user:pw@127.0.0.1:{server.port}/img/a.png", url(server, "/img/a.png?x=1")):
         with pytest.raises(ForbiddenURI):
             _reader([f"http://127.0.0.1:{server.port}/img/"]).get(other)
     assert sum(server.hits.values()) == 0
     allowed = ["https://cdn.example.com/img/", f"http://127.0.0.1:{server.port}/img/"]
-    assert check_uri("HTTPS://CDN.example.com:443/img/a%20b.png", allowed).uri == "https://cdn.example.com/img/a%20b.png"
+    loc = check_uri("HTTPS://CDN.example.com:443/img/a%20b.png", allowed)
+    assert loc.uri == "https://cdn.example.com/img/a%20b.png"
     with pytest.raises(ForbiddenURI):
         check_uri("https://cdn.example.com:8443/img/a.png", allowed)
 
@@ -277,18 +280,21 @@ def test_name_resolving_to_loopback_is_refused(server):
     with pytest.raises(ForbiddenURI, match="loopback"):
         both.get(url(server, "/img/redirect-host.png"))
     assert server.hits[("GET", "/img/a.png")] == 0
-    assert _reader([f"http://127.0.0.1:{server.port}/img/"]).get(url(server, "/img/a.png")) == PHOTO  # control
+    control = _reader([f"http://127.0.0.1:{server.port}/img/"])
+    assert control.get(url(server, "/img/a.png")) == PHOTO
 
 
 def test_dns_answer_is_checked_once_and_connected_to(server, monkeypatch):
     """A CDN name is resolved once; a private answer is refused; a public answer is what the socket
     connects to (no second lookup that could answer 127.0.0.1)."""
-    answers = {"private.cdn.test": "10.1.2.3", "rebind.cdn.test": "1.1.1.1", "meta.cdn.test": "169.254.169.254"}
+    answers = {"private.cdn.test": "10.1.2.3", "rebind.cdn.test": "1.1.1.1",
+               "meta.cdn.test": "169.254.169.254"}
     lookups, connects = [], []
 
     def fake_getaddrinfo(host, port, *args, **kwargs):
         lookups.append(host)
-        ip = answers[host] if len(lookups) == 1 else "127.0.0.1"  # a rebinding DNS: public first, then loopback
+        # a rebinding DNS: the real answer first, loopback to any later lookup
+        ip = answers[host] if len(lookups) == 1 else "127.0.0.1"
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
 
     def fake_connect(address, timeout=None):
@@ -303,15 +309,17 @@ def test_dns_answer_is_checked_once_and_connected_to(server, monkeypatch):
             _reader([f"http://{host}:{server.port}/img/"]).get(url(server, "/img/a.png", host=host))
     assert connects == []
     lookups.clear()
-    assert _reader([f"http://rebind.cdn.test:{server.port}/img/"]).get(url(server, "/img/a.png", host="rebind.cdn.test")) == PHOTO
+    rebind = _reader([f"http://rebind.cdn.test:{server.port}/img/"])
+    assert rebind.get(url(server, "/img/a.png", host="rebind.cdn.test")) == PHOTO
     assert lookups == ["rebind.cdn.test"] and connects == ["1.1.1.1"]
     assert server.hosts[-1] == f"rebind.cdn.test:{server.port}"
 
 
 def test_special_addresses():
     special = https_backend.special_address
-    for ip in ("127.0.0.1", "::1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "fe80::1", "0.0.0.0",
-               "::", "224.0.0.1", "ff02::1", "240.0.0.1", "100.64.0.1", "::ffff:127.0.0.1", "fd00::1"):
+    for ip in ("127.0.0.1", "::1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "fe80::1",
+               "0.0.0.0", "::", "224.0.0.1", "ff02::1", "240.0.0.1", "100.64.0.1", "::ffff:127.0.0.1",
+               "fd00::1"):
         assert special(ipaddress.ip_address(ip)), ip
     for ip in ("1.1.1.1", "93.184.216.34", "2606:4700:4700::1111"):
         assert special(ipaddress.ip_address(ip)) is None, ip
@@ -379,8 +387,8 @@ def test_https_certificate_is_verified(tls_server, monkeypatch):
     # Trusted, but not for this name: cdn.test (a public answer, connected to our server) is not in it.
     monkeypatch.setattr(https_backend, "_getaddrinfo", lambda host, port, *a, **k: [
         (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("1.1.1.1", port))])
-    monkeypatch.setattr(https_backend, "_create_connection", lambda address, timeout=None: socket.create_connection(
-        ("127.0.0.1", address[1]), timeout=timeout))
+    monkeypatch.setattr(https_backend, "_create_connection", lambda address, timeout=None:
+                        socket.create_connection(("127.0.0.1", address[1]), timeout=timeout))
     named = f"https://cdn.test:{srv.port}/img/"
     with pytest.raises(StorageError, match="not trusted.*(Hostname mismatch|doesn't match|not valid)"):
         _tls_reader(named, cert).get(named + "a.png")

@@ -150,6 +150,7 @@ def test_file_backend_without_openat2_reports_the_same_versions(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x.png").write_bytes(b"x" * 10)
     uri = (tmp_path / "d" / "x.png").as_uri()
-    walk = ImageReader([tmp_path.as_uri() + "/"], MAX, backends={"file": FileBackend([str(tmp_path)], use_openat2=False)})
+    backend = FileBackend([str(tmp_path)], use_openat2=False)
+    walk = ImageReader([tmp_path.as_uri() + "/"], MAX, backends={"file": backend})
     assert walk.backends["file"].use_openat2 is False
     assert walk.fetch(uri) == ImageReader([tmp_path.as_uri() + "/"], MAX).fetch(uri)

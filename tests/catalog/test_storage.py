@@ -3,11 +3,19 @@ every limit gives its typed error, and nothing outside the allowed prefixes is e
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
-from catalog.errors import ConfigError, ForbiddenURI, ObjectMissing, ObjectTooLarge, StorageError
+from catalog.errors import (
+    ConfigError,
+    ForbiddenURI,
+    ObjectMissing,
+    ObjectTooLarge,
+    StorageError,
+    TransientStorageError,
+)
 from catalog.storage import ImageReader, ObjectInfo, check_uri, open_store
 
 MAX = 1000
@@ -176,3 +184,63 @@ def test_s3_image_read_is_one_ranged_get(s3_server):
         assert calls == ["GetObject"] * 3
     finally:
         events.unregister("before-call.s3", count)
+
+
+# --- no bare exception escapes a read ------------------------------------------------------------------
+
+
+def _file_reader(tmp_path):
+    (tmp_path / "ok.png").write_bytes(b"ok")
+    return ImageReader([tmp_path.as_uri() + "/"], max_bytes=MAX), (tmp_path / "ok.png").as_uri()
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.EINVAL, "Invalid argument"), OSError(errno.EIO, "I/O error"),
+                                 ValueError("odd"), UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogate")])
+def test_unexpected_errors_in_a_read_become_typed(tmp_path, monkeypatch, exc):
+    """``realpath`` raising EINVAL (it does when a name is swapped for a symlink under it), an I/O error,
+    a ValueError from deep inside: each is the StorageError of that one URI, never a bare exception."""
+    import catalog.storage.files as files
+
+    reader, uri = _file_reader(tmp_path)
+
+    def boom(path):
+        raise exc
+
+    monkeypatch.setattr(files.os.path, "realpath", boom)
+    for call in (reader.get, reader.head, reader.fetch):
+        with pytest.raises(StorageError) as info:
+            call(uri)
+        assert "\n" not in str(info.value) and uri[:50] in str(info.value)
+    if getattr(exc, "errno", None) == errno.EIO:
+        assert isinstance(info.value, TransientStorageError)
+    results = reader.get_many([uri, uri], max_workers=2)
+    assert all(isinstance(r, StorageError) for r in results)
+    monkeypatch.undo()
+    assert reader.get_many([uri, uri]) == [b"ok", b"ok"]
+
+
+def test_odd_bytes_in_a_path_are_typed(tmp_path):
+    reader, uri = _file_reader(tmp_path)
+    base = tmp_path.as_uri()
+    for odd in (base + "/\udcff.png", base + "/\ud800.png", base + "/%ff%fe.png", base + "/a%00b.png",
+                base + "/" + "n" * 300 + ".png", base + "/ok.png/x.png"):
+        with pytest.raises(StorageError):
+            reader.get(odd)
+        assert isinstance(reader.get_many([odd, uri])[0], StorageError)
+    assert reader.get_many([base + "/\udcff.png", uri])[1] == b"ok"
+
+
+def test_read_errors_from_the_descriptor_are_typed(tmp_path, monkeypatch):
+    import catalog.storage.files as files
+
+    reader, uri = _file_reader(tmp_path)
+
+    def failing_read(fd, limit):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "_read_all", failing_read)
+    with pytest.raises(TransientStorageError, match="Input/output error"):
+        reader.get(uri)
+    monkeypatch.setattr(files, "_read_all", lambda fd, limit: (_ for _ in ()).throw(ValueError("odd")))
+    with pytest.raises(StorageError, match="ValueError"):
+        reader.get(uri)
