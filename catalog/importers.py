@@ -7,7 +7,6 @@ DO NOTHING. Running it twice changes nothing; running it after a crash finishes 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ import numpy as np
 from sqlalchemy import select, update
 
 from catalog.db import dialect_insert, session_scope
-from catalog.errors import ObjectMissing, StyletagError
+from catalog.errors import StyletagError
 from catalog.labels import sync_labels
 from catalog.schema import Product, StyleTruth
 from catalog.storage import Store, open_store
@@ -66,14 +65,8 @@ def encode_image(pixels: np.ndarray, size: int = 28, fmt: str = "png") -> bytes:
 
 def _store_image(store: Store, key: str, data: bytes, content_type: str) -> tuple[str, bool]:
     """Write unless the store already holds these exact bytes; (version, written)."""
-    version = hashlib.md5(data, usedforsecurity=False).hexdigest()
-    try:
-        if store.head(key).version == version:
-            return version, False
-    except ObjectMissing:
-        pass
-    info = store.put(key, data, content_type=content_type)
-    return info.version or version, True
+    info, written = store.put_if_changed(key, data, content_type=content_type)
+    return info.version, written
 
 
 def import_fashion_mnist(

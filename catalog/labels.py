@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from catalog.db import dialect_insert
 from catalog.errors import NotFound, TaxonomyMismatch
-from catalog.schema import StyleLabel
+from catalog.schema import LabelParent, StyleLabel
 from model.taxonomy import Taxonomy
 
 
@@ -47,21 +47,13 @@ def sync_labels(session: Session, taxonomy: Taxonomy) -> LabelMap:
     if _rows(session, taxonomy.name):
         # A known taxonomy must match as it is: inserting a renamed label first would report a gap.
         return label_map(session, taxonomy.name, expect=taxonomy)
-    coarse = [
-        {"taxonomy": taxonomy.name, "level": "coarse", "name": name, "parent_id": None, "position": i}
-        for i, name in enumerate(taxonomy.coarse.labels)
-    ]
-    session.execute(dialect_insert(session, StyleLabel).on_conflict_do_nothing(), coarse)
-    coarse_ids = {
-        row.name: row.id for row in _rows(session, taxonomy.name) if row.level == "coarse"
-    }
-    fine = []
-    for i, name in enumerate(taxonomy.fine.labels):
-        parent = taxonomy.coarse.labels[taxonomy.parents[i][0]]
-        fine.append(
-            {"taxonomy": taxonomy.name, "level": "fine", "name": name, "parent_id": coarse_ids.get(parent), "position": i}
-        )
-    session.execute(dialect_insert(session, StyleLabel).on_conflict_do_nothing(), fine)
+    rows = [{"taxonomy": taxonomy.name, "level": level.name, "name": name, "position": i}
+            for level in (taxonomy.coarse, taxonomy.fine) for i, name in enumerate(level.labels)]
+    session.execute(dialect_insert(session, StyleLabel).on_conflict_do_nothing(), rows)
+    ids = {(row.level, row.name): row.id for row in _rows(session, taxonomy.name)}
+    links = [{"label_id": ids[("fine", name)], "parent_id": ids[("coarse", taxonomy.coarse.labels[c])]}
+             for f, name in enumerate(taxonomy.fine.labels) for c in taxonomy.parents[f]]
+    session.execute(dialect_insert(session, LabelParent).on_conflict_do_nothing(), links)
     return label_map(session, taxonomy.name, expect=taxonomy)
 
 
@@ -95,9 +87,16 @@ def _compare(tax: Taxonomy, coarse: list[StyleLabel], fine: list[StyleLabel]) ->
         raise TaxonomyMismatch(
             f"taxonomy {tax.name!r}: catalog has fine labels {have}, the model has {list(tax.fine.labels)}; {hint}"
         )
+    session = object_session(fine[0]) if fine else None
+    links: dict[int, set[int]] = {}
+    if session is not None:
+        for label_id, parent_id in session.execute(
+                select(LabelParent.label_id, LabelParent.parent_id)
+                .where(LabelParent.label_id.in_([r.id for r in fine]))):
+            links.setdefault(label_id, set()).add(parent_id)
     for i, row in enumerate(fine):
-        want = coarse[tax.parents[i][0]].id
-        if row.parent_id != want:
+        want = {coarse[c].id for c in tax.parents[i]}
+        if links.get(row.id, set()) != want:
             raise TaxonomyMismatch(
                 f"taxonomy {tax.name!r}: fine label {row.name!r} has a different coarse parent in the catalog; {hint}"
             )

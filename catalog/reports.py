@@ -15,7 +15,7 @@ from sqlalchemy.orm import aliased
 
 from catalog.db import session_scope
 from catalog.runs import get_run, run_as_dict
-from catalog.schema import ModelVersion, Product, ProductStyle, StyleLabel, StyleTruth, TagState
+from catalog.schema import LabelParent, ModelVersion, Product, ProductStyle, StyleLabel, StyleTruth, TagState
 
 MAX_BUCKETS = 60
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)
@@ -105,13 +105,18 @@ def collect(database_url: str, run_id: int, *, examples: int = 6, least: int = 2
             select(ProductStyle.label_id, func.count(), func.avg(ProductStyle.score))
             .join(TagState, tagged_primary).group_by(ProductStyle.label_id))}
         names = {lb.id: lb for lb in labels}
+        parents: dict[int, list[str]] = {}
+        for label_id, parent_id in s.execute(select(LabelParent.label_id, LabelParent.parent_id)
+                                             .where(LabelParent.label_id.in_(list(names)))):
+            if parent_id in names:
+                parents.setdefault(label_id, []).append(names[parent_id].name)
         for lb in labels:
             n, mean = dist.get(lb.id, (0, None))
             row = {"name": lb.name, "count": n, "mean_score": None if mean is None else float(mean)}
             if lb.level == "coarse":
                 data.coarse.append(row)
             else:
-                data.fine.append({**row, "parent": names[lb.parent_id].name if lb.parent_id in names else ""})
+                data.fine.append({**row, "parent": ", ".join(sorted(parents.get(lb.id, [])))})
 
         # Examples per fine style: the most and the least confident primary tags.
         fine_ids = [lb.id for lb in labels if lb.level == "fine"]

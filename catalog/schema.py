@@ -21,6 +21,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
+    text,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -35,22 +38,28 @@ NAMING_CONVENTION = {
 # BIGINT on PostgreSQL; INTEGER on SQLite so that the column is the rowid and autoincrements.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
-LEVELS = ("coarse", "fine")
-RUN_KINDS = ("nightly", "uploads", "manual")
+LEVELS = ("coarse", "fine", "colour")
+RUN_KINDS = ("nightly", "uploads", "manual", "shadow")
 RUN_SCOPES = ("all", "changed", "uploads")
 RUN_STATUSES = ("enqueuing", "running", "done", "cancelled")
-TAG_STATUSES = ("tagged", "failed")
+# review: tagged, but held back from the storefront until a person accepts or corrects it
+TAG_STATUSES = ("tagged", "review", "failed")
+TAG_SOURCES = ("model", "manual")
+MODEL_STATUSES = ("shadow", "active", "retired")
 
 STOREFRONT_VIEW = "storefront_tags"
 STOREFRONT_ROLE = "styletag_storefront"
+# What the storefront may show: published tags only (not archived, not held for review, a person's
+# correction in place of the model's tag at its level; catalog.publishing keeps the flag).
 STOREFRONT_VIEW_SQL = f"""
 CREATE VIEW {STOREFRONT_VIEW} AS
 SELECT p.id AS product_id, p.sku AS sku, p.title AS title, l.taxonomy AS taxonomy,
        l.level AS level, l.name AS style, s.score AS score, s.is_primary AS is_primary,
-       s.model_version AS model_version, s.tagged_at AS tagged_at
+       s.source AS source, s.model_version AS model_version, s.tagged_at AS tagged_at
 FROM product_styles s
 JOIN products p ON p.id = s.product_id
 JOIN style_labels l ON l.id = s.label_id
+WHERE s.published
 """  # noqa: S608 - constant identifiers, no input
 
 
@@ -71,11 +80,14 @@ class Product(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     sku: Mapped[str] = mapped_column(String(128), unique=True)
-    title: Mapped[str] = mapped_column(String(512), default="")
+    title: Mapped[str] = mapped_column(String(512), default="", server_default=text("''"))
     image_uri: Mapped[str] = mapped_column(String(2048))
     image_version: Mapped[str | None] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow,
+                                                 server_default=func.now())
+    # Archived products stay (tags, truth, history) but retags skip them and the storefront hides them.
+    archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class StyleLabel(Base):
@@ -89,22 +101,42 @@ class StyleLabel(Base):
     taxonomy: Mapped[str] = mapped_column(String(64))
     level: Mapped[str] = mapped_column(String(16))
     name: Mapped[str] = mapped_column(String(64))
-    # Fine labels point at their (first) coarse parent; coarse labels have none.
-    parent_id: Mapped[int | None] = mapped_column(Id, ForeignKey("style_labels.id", ondelete="SET NULL"))
     position: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class LabelParent(Base):
+    """A fine label's coarse parents: all of them (a multi-label taxonomy names several)."""
+
+    __tablename__ = "label_parents"
+
+    label_id: Mapped[int] = mapped_column(Id, ForeignKey("style_labels.id", ondelete="CASCADE"), primary_key=True)
+    parent_id: Mapped[int] = mapped_column(Id, ForeignKey("style_labels.id", ondelete="CASCADE"), primary_key=True)
+
+
 class ModelVersion(Base):
-    """Every model that has written tags. ``trained_at`` orders them: an older model never
-    overwrites a newer model's tags."""
+    """The model registry: every model that may write tags. ``status`` active is what workers serve
+    (one per taxonomy); which tags win is decided by activation, never by training time."""
 
-    __tablename__ = "model_versions"
+    __tablename__ = "models"
+    __table_args__ = (
+        CheckConstraint(_in("status", MODEL_STATUSES), name="status"),
+        Index("uq_models_active_taxonomy", "taxonomy", unique=True, postgresql_where=text("status = 'active'"),
+              sqlite_where=text("status = 'active'")),
+    )
 
+    # hash of the weights and of the metadata that changes predictions (preprocessing, taxonomy, thresholds)
     version: Mapped[str] = mapped_column(String(64), primary_key=True)
     trained_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     taxonomy: Mapped[str] = mapped_column(String(64))
     backbone: Mapped[str] = mapped_column(String(64), default="")
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    path: Mapped[str] = mapped_column(String(2048), default="", server_default=text("''"))
+    meta: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")  # recorded metrics, command (JSON)
+    status: Mapped[str] = mapped_column(String(16), default="shadow", server_default="shadow")
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    activated_by: Mapped[str | None] = mapped_column(String(128))
+    # Order of activations: the latest is the active one; rollback re-activates the one before it.
+    activation_seq: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ProductStyle(Base):
@@ -119,17 +151,26 @@ class ProductStyle(Base):
     is_primary: Mapped[bool] = mapped_column(Boolean, default=False)
     model_version: Mapped[str] = mapped_column(String(64))
     tagged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # model: written by a model; manual: a person's correction, never overwritten by a model
+    source: Mapped[str] = mapped_column(String(16), default="model", server_default="model")
+    # what the storefront shows (catalog.publishing): not archived, not in review, not overridden
+    published: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    set_by: Mapped[str | None] = mapped_column(String(128))  # who set a manual tag
 
 
 # The storefront's "products with style X, best first" query walks this index forwards: label_id
-# equality, then score DESC, then product_id ASC as the keyset tie-breaker. A real DESC column (not
-# ``postgresql_ops``, which is for operator classes) so that SQLite builds the same index.
+# equality, then score DESC, then product_id ASC as the keyset tie-breaker; only published rows are in
+# it. A real DESC column (not ``postgresql_ops``, which is for operator classes) so that SQLite builds
+# the same index.
 Index(
     "ix_product_styles_storefront",
     ProductStyle.label_id,
     ProductStyle.score.desc(),
     ProductStyle.product_id,
+    postgresql_where=ProductStyle.published,
+    sqlite_where=ProductStyle.published,
 )
+ProductStyle.__table__.append_constraint(CheckConstraint(_in("source", TAG_SOURCES), name="source"))
 
 
 class StyleTruth(Base):
@@ -158,8 +199,10 @@ class TaggingRun(Base):
     model_version: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default="enqueuing")
     total: Mapped[int] = mapped_column(BigInteger, default=0)
-    done: Mapped[int] = mapped_column(BigInteger, default=0)
+    done: Mapped[int] = mapped_column(BigInteger, default=0)  # products this run wrote (review included)
     failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    skipped: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # not written (gone, archived)
+    review: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of done: held for review
     # Products with id above this were created after the run started and are not part of it.
     max_product_id: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -179,8 +222,36 @@ class TagState(Base):
     model_version: Mapped[str] = mapped_column(String(64))
     image_version: Mapped[str | None] = mapped_column(String(128))
     status: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(String(32))  # why it failed, or why it is in review
     error: Mapped[str | None] = mapped_column(Text)
+    confidence: Mapped[float | None] = mapped_column(Float)  # the score the review threshold was held against
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     run_id: Mapped[int | None] = mapped_column(Id, ForeignKey("tagging_runs.id", ondelete="SET NULL"))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ShadowTag(Base):
+    """A registered model's predictions written beside the storefront's tags (``retag --shadow``), for
+    ``styletag model compare`` before activation. Never shown by the storefront."""
+
+    __tablename__ = "shadow_tags"
+
+    model_version: Mapped[str] = mapped_column(String(64), ForeignKey("models.version", ondelete="CASCADE"),
+                                               primary_key=True)
+    product_id: Mapped[int] = mapped_column(Id, ForeignKey("products.id", ondelete="CASCADE"), primary_key=True)
+    label_id: Mapped[int] = mapped_column(Id, ForeignKey("style_labels.id", ondelete="CASCADE"), primary_key=True)
+    score: Mapped[float] = mapped_column(Float)
+    is_primary: Mapped[bool] = mapped_column(Boolean, default=False)
+    run_id: Mapped[int | None] = mapped_column(Id, ForeignKey("tagging_runs.id", ondelete="SET NULL"))
+    tagged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, server_default=func.now())
+
+
+class RunFailureCount(Base):
+    """Failures of one run by reason, counted when they are counted in ``tagging_runs.failed``: a run's
+    report stays exact whatever later runs did to the same products."""
+
+    __tablename__ = "run_failure_counts"
+
+    run_id: Mapped[int] = mapped_column(Id, ForeignKey("tagging_runs.id", ondelete="CASCADE"), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -194,7 +194,7 @@ _PG_LOCK_PRODUCTS = text(
 _PG_PRIOR_STATE = text(
     "SELECT t.product_id, t.status, t.run_id, t.model_version, t.image_version, m.trained_at "
     "FROM unnest(CAST(:ids AS BIGINT[])) AS u(id) "
-    "JOIN tag_state t ON t.product_id = u.id LEFT JOIN model_versions m ON m.version = t.model_version"
+    "JOIN tag_state t ON t.product_id = u.id LEFT JOIN models m ON m.version = t.model_version"
 )
 _PG_UPSERT_STATE = text(
     "INSERT INTO tag_state (product_id, model_version, image_version, status, reason, error, attempts, "

@@ -52,9 +52,21 @@ def run_migrations_online() -> None:
     engine = make_engine(_url())
     try:
         with engine.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                # Batch mode re-creates a table (copy, DROP, rename): with foreign keys on, dropping products
+                # would cascade into every table that references it. Off for the migration (outside any
+                # transaction, where SQLite honours it), checked and back on after.
+                conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
             _configure(conn)
             with context.begin_transaction():
                 context.run_migrations()
+            if sqlite:
+                raw = conn.connection.dbapi_connection
+                broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+                raw.execute("PRAGMA foreign_keys=ON")
+                if broken:
+                    raise RuntimeError(f"migration left {len(broken)} rows with broken foreign keys: {broken[:3]}")
     finally:
         engine.dispose()
 

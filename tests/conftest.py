@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-TABLES = ("product_styles", "style_truth", "tag_state", "tagging_runs", "products", "style_labels", "model_versions")
+TABLES = ("shadow_tags", "run_failure_counts", "product_styles", "style_truth", "tag_state", "tagging_runs", "products",
+          "label_parents", "style_labels", "models")
 REQUIRE_SERVICES = os.environ.get("STYLETAG_TEST_REQUIRE_SERVICES") == "1"
 
 

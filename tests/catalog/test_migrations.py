@@ -16,7 +16,8 @@ from catalog import migrate
 from catalog.db import make_engine
 from catalog.schema import STOREFRONT_ROLE, STOREFRONT_VIEW, Base
 
-TABLES = {"products", "style_labels", "model_versions", "product_styles", "style_truth", "tagging_runs", "tag_state"}
+TABLES = {"products", "style_labels", "label_parents", "models", "product_styles", "style_truth", "tagging_runs",
+          "tag_state", "shadow_tags", "run_failure_counts"}
 
 
 def _drift(url: str) -> list:
@@ -50,7 +51,7 @@ def empty_url(request, tmp_path):
 def test_round_trip_without_drift(empty_url):
     assert migrate.current(empty_url) is None
     migrate.upgrade(empty_url)
-    assert migrate.current(empty_url) == migrate.head() == "0001"
+    assert migrate.current(empty_url) == migrate.head() == "0002"
     assert _drift(empty_url) == []
     tables, views, indexes = _inventory(empty_url)
     assert tables == TABLES
@@ -62,7 +63,7 @@ def test_round_trip_without_drift(empty_url):
     assert _inventory(empty_url)[:2] == (set(), set())
 
     migrate.upgrade(empty_url)
-    assert migrate.current(empty_url) == "0001"
+    assert migrate.current(empty_url) == "0002"
     assert _drift(empty_url) == []
 
 
@@ -122,7 +123,7 @@ def test_migrating_user_without_createrole_warns_and_continues(pg_base_url, pg_n
         limited = url.replace("://" + url.split("://", 1)[1].split("@", 1)[0] + "@", f"://{user}@", 1)
         with caplog.at_level(logging.WARNING):
             migrate.upgrade(limited, storefront_role=role)
-        assert migrate.current(limited) == "0001"
+        assert migrate.current(limited) == "0002"
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and role in warnings[0] and "may not create roles" in warnings[0]
         migrate.downgrade(limited, storefront_role=role)
@@ -135,3 +136,39 @@ def test_migrating_user_without_createrole_warns_and_continues(pg_base_url, pg_n
         with _pg(f"{pg_base_url}/postgres") as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
             admin.execute(f'DROP ROLE IF EXISTS "{user}"')
+
+
+def test_0002_keeps_existing_data_both_ways(empty_url):
+    """A catalog at 0001 with labels, a model, a product and its tags: 0002 moves the parent into
+    label_parents, registers the model as a shadow, keeps every tag (published, source model) and lets a
+    plain SQL insert leave the timestamps to the server; back to 0001 the parent is where it was."""
+    migrate.upgrade(empty_url, "0001")
+    engine = make_engine(empty_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO style_labels (taxonomy, level, name, parent_id, position) "
+                              "VALUES ('t', 'coarse', 'tops', NULL, 0)"))
+            conn.execute(text("INSERT INTO style_labels (taxonomy, level, name, parent_id, position) "
+                              "VALUES ('t', 'fine', 'shirt', 1, 0)"))
+            conn.execute(text("INSERT INTO model_versions VALUES ('v1', '2025-01-01', 't', 'b', '2025-01-01')"))
+            conn.execute(text("INSERT INTO products (sku, title, image_uri, image_version, created_at, updated_at) "
+                              "VALUES ('a', 'A', 'file:///x.png', 'e1', '2025-01-01', '2025-01-01')"))
+            conn.execute(text("INSERT INTO product_styles VALUES (1, 2, 0.75, :t, 'v1', '2025-01-01')"), {"t": True})
+        migrate.upgrade(empty_url)
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT label_id, parent_id FROM label_parents")).all() == [(2, 1)]
+            assert conn.execute(text("SELECT version, status FROM models")).all() == [("v1", "shadow")]
+            row = conn.execute(text("SELECT score, source, published FROM product_styles")).one()
+            assert (row[0], row[1], bool(row[2])) == (0.75, "model", True)
+            assert conn.execute(text("SELECT sku, style FROM storefront_tags")).all() == [("a", "shirt")]
+            conn.execute(text("INSERT INTO products (sku, image_uri) VALUES ('b', 'file:///y.png')"))
+            title, created = conn.execute(text("SELECT title, created_at FROM products WHERE sku = 'b'")).one()
+            assert title == "" and created is not None
+        migrate.downgrade(empty_url, "0001")
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT name, parent_id FROM style_labels ORDER BY id")).all() == [
+                ("tops", None), ("shirt", 1)]
+            assert conn.execute(text("SELECT count(*) FROM product_styles")).scalar() == 1
+            assert conn.execute(text("SELECT version FROM model_versions")).all() == [("v1",)]
+    finally:
+        engine.dispose()

@@ -47,7 +47,7 @@ def test_storefront_role_reads_the_view_and_nothing_else(sec_db, probe):
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
             "AND table_type = 'BASE TABLE' ORDER BY table_name")]
         assert {"products", "product_styles", "style_labels", "style_truth", "tag_state", "tagging_runs",
-                "model_versions", "alembic_version"} <= set(tables)
+                "models", "label_parents", "shadow_tags", "alembic_version"} <= set(tables)
         first_column = dict(conn.execute(
             "SELECT table_name, min(column_name) FROM information_schema.columns "
             "WHERE table_schema = current_schema() GROUP BY table_name").fetchall())

@@ -12,23 +12,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import text
-
-from catalog.db import engine_for
 
 REDIS_DB = int(os.environ.get("STYLETAG_TEST_REDIS_DB", "11"))
 N_PRODUCTS = 500
 
 
-def truncate_all(url: str) -> None:
-    with engine_for(url).begin() as conn:
-        if url.startswith("postgresql"):
-            conn.execute(text("TRUNCATE product_styles, style_truth, tag_state, tagging_runs, products, "
-                              "style_labels, model_versions RESTART IDENTITY CASCADE"))
-        else:
-            for t in ("product_styles", "style_truth", "tag_state", "tagging_runs", "products", "style_labels",
-                      "model_versions"):
-                conn.execute(text(f"DELETE FROM {t}"))  # noqa: S608 - fixed table names
+from tests.conftest import truncate_all  # noqa: E402,F401 - one truncate for every test package
 
 
 @pytest.fixture(scope="session")
