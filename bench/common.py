@@ -272,7 +272,7 @@ def reset_tags(url: str) -> None:
 
     with engine_for(url).begin() as conn:
         if url.startswith("postgresql"):
-            conn.execute(text("TRUNCATE product_styles, tag_state, tagging_runs RESTART IDENTITY"))
+            conn.execute(text("TRUNCATE product_styles, tag_state, tagging_runs RESTART IDENTITY CASCADE"))
         else:
             for t in ("product_styles", "tag_state", "tagging_runs"):
                 conn.execute(text(f"DELETE FROM {t}"))  # noqa: S608 - fixed names
