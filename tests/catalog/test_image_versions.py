@@ -154,3 +154,11 @@ def test_file_backend_without_openat2_reports_the_same_versions(tmp_path):
     walk = ImageReader([tmp_path.as_uri() + "/"], MAX, backends={"file": backend})
     assert walk.backends["file"].use_openat2 is False
     assert walk.fetch(uri) == ImageReader([tmp_path.as_uri() + "/"], MAX).fetch(uri)
+
+
+def test_empty_object_same_version_from_head_and_fetch(store, reader):
+    """On S3 the ranged GET of an empty object is answered 416; its version is still the object's ETag."""
+    info = store.put("empty.png", b"")
+    uri = store.uri_for("empty.png")
+    assert reader.fetch(uri) == Fetched(b"", info.version)
+    assert reader.head(uri) == ObjectInfo(0, info.version)
