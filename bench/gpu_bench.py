@@ -210,7 +210,7 @@ def pipeline_e2e(model_path: str | None, device: torch.device, quick: bool, kind
         ctx = get_context(settings)
         pred = ctx.predictor
         _ = ctx.labels
-        reader = ImageReader(settings.allowed_image_prefixes, settings.max_image_bytes)
+        reader = ImageReader.from_settings(settings)
         sample = uris[: min(n, 2048)]
         data = [reader.get(u) for u in sample]
         bs = settings.batch_size

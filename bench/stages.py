@@ -170,13 +170,12 @@ def write_rate(url: str, n: int, batch: int = 256, tags_per_product: int = 4, pa
 def measure_bound_stages(kind: str, db_url: str, store_url: str, model: str, n: int,
                          threads: int | None = None, model_images: int | None = None) -> dict[str, float]:
     """The four stage rates that bound the end-to-end run of ``kind`` (used by bench.e2e too)."""
-    from catalog.settings import Settings
     from catalog.storage import ImageReader
     from worker.context import get_context
 
     settings = C.settings_for(db_url, store_url, model)
     threads = threads or settings.fetch_threads
-    reader = ImageReader(settings.allowed_image_prefixes, Settings().max_image_bytes)
+    reader = ImageReader.from_settings(settings)
     uris = C.image_uris(db_url, n)
     ctx = get_context(settings)
     predictor = ctx.predictor

@@ -56,7 +56,7 @@ class WorkerContext:
     def reader(self):
         from catalog.storage import ImageReader
 
-        return ImageReader(self.settings.allowed_image_prefixes, self.settings.max_image_bytes)
+        return ImageReader.from_settings(self.settings)
 
     @cached_property
     def labels(self):

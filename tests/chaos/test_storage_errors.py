@@ -38,21 +38,20 @@ PHASE_S = 3.0
 
 
 def _move_catalog_to_s3(url: str, file_store_uri: str, bucket: str) -> dict[int, tuple[str, bytes]]:
-    """Copy the catalog's images into the bucket and point the products at them (same bytes, same
-    image_version: S3's ETag of a simple put is the MD5 the file store recorded)."""
+    """Copy the catalog's images into the bucket and point the products at them (same bytes; the
+    image_version becomes the object's ETag, what a worker reading it will record)."""
     source = open_store(file_store_uri)
     target = S3Store(bucket, "fmnist")
     objects: dict[int, tuple[str, bytes]] = {}
     with engine_for(url).begin() as conn:
         rows = conn.execute(text("SELECT id, image_uri, image_version FROM products ORDER BY id")).all()
-        for pid, uri, version in rows:
+        for pid, uri, _version in rows:
             key = uri.rsplit("/", 1)[1]
             data = source.get(uri)
             info = target.put(key, data, "image/png")
-            assert info.version == version
             objects[pid] = (key, data)
-            conn.execute(text("UPDATE products SET image_uri = :u WHERE id = :i"),
-                         {"u": target.uri_for(key), "i": pid})
+            conn.execute(text("UPDATE products SET image_uri = :u, image_version = :v WHERE id = :i"),
+                         {"u": target.uri_for(key), "v": info.version, "i": pid})
     return objects
 
 

@@ -235,7 +235,7 @@ def write_report(settings: Settings, run_id: int, path: str, *, examples: int = 
     from catalog.storage import ImageReader
 
     data = collect(settings.database_url, run_id, examples=examples)
-    reader = ImageReader(settings.allowed_image_prefixes, settings.max_image_bytes)
+    reader = ImageReader.from_settings(settings)
     thumbs = thumbnails([e for items in data.examples.values() for e in items], reader,
                         threads=max(1, min(settings.fetch_threads, 16)))
     page = render_html(data, thumbs)
