@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from catalog.errors import ConfigError
 from catalog.settings import Settings, redact_url
+from catalog.settings import _schema as checked_schema  # the one identifier check (ConfigError when bad)
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
@@ -39,11 +40,25 @@ def _sqlite_pragmas(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str, *, pgbouncer: bool | None = None, **kwargs) -> Engine:
+def _search_path(engine: Engine, schema: str) -> None:
+    """Every new PostgreSQL connection looks up (and creates) unqualified names in ``schema`` only, so
+    styletag's ``products`` never meets the shop's own ``public.products``. A session-level SET, committed
+    at once so that no later rollback undoes it; first in line (``insert``), so that the dialect's own
+    first-connect checks already see it (``default_schema_name``)."""
+
+    @event.listens_for(engine, "connect", insert=True)
+    def _connect(dbapi_conn, _record):
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f'SET search_path TO "{schema}"')  # a validated identifier (Settings.db_schema)
+        dbapi_conn.commit()
+
+
+def make_engine(url: str, *, pgbouncer: bool | None = None, schema: str | None = None, **kwargs) -> Engine:
     """Create an engine; a malformed URL or missing driver is a ConfigError, not a traceback.
 
     ``pgbouncer`` (default: ``STYLETAG_DB_PGBOUNCER``) turns off server-side prepared statements of
-    psycopg 3 (``connect_args={"prepare_threshold": None}``)."""
+    psycopg 3 (``connect_args={"prepare_threshold": None}``). ``schema`` (default: ``STYLETAG_DB_SCHEMA``)
+    is the PostgreSQL schema styletag's tables live in: every connection's ``search_path``."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     try:
@@ -61,11 +76,16 @@ def make_engine(url: str, *, pgbouncer: bool | None = None, **kwargs) -> Engine:
         kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("pool_size", 5)
         connect_args = {"connect_timeout": 10, **(kwargs.pop("connect_args", None) or {})}
-        if pgbouncer is None:
-            pgbouncer = Settings.from_env().db_pgbouncer
+        if pgbouncer is None or schema is None:
+            env = Settings.from_env()
+            pgbouncer = env.db_pgbouncer if pgbouncer is None else pgbouncer
+            schema = env.db_schema if schema is None else schema
         if pgbouncer and url.startswith("postgresql+psycopg:"):
             connect_args["prepare_threshold"] = None
-        return create_engine(url, connect_args=connect_args, **kwargs)
+        engine = create_engine(url, connect_args=connect_args, **kwargs)
+        if schema != "public" and engine.dialect.name == "postgresql":
+            _search_path(engine, checked_schema(schema))
+        return engine
     except (ArgumentError, NoSuchModuleError, ValueError, ImportError) as exc:
         why = "its database driver is not installed" if isinstance(exc, ImportError) else exc.__class__.__name__
         raise ConfigError(f"bad database URL {redact_url(url)!r}: {why}; use postgresql+psycopg://user@host/db "

@@ -1,18 +1,43 @@
-"""Products: what the worker re-reads for a batch of ids, and how SKUs become ids.
+"""Products: what the worker re-reads for a batch of ids, how SKUs become ids, and the shop's way in.
 
-(The catalog-intake work adds the shop's way in here: ``upsert_products`` and ``archive_products``.)
+The way in is one path for every caller (``styletag import catalog``, the upload service, a shop's sync
+job): :func:`upsert_products` checks each row (``catalog.product_rows``), records the version of the image
+it saw (HEAD), and writes batches of one transaction each, idempotently (the same rows again change
+nothing). :func:`archive_products` hides products without deleting anything. :func:`refresh_image_versions`
+notices photos replaced behind unchanged URIs, for ``retag --changed-only``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from catalog.db import dialect_insert, session_scope
 from catalog.errors import NotFound
-from catalog.schema import Product
+from catalog.product_rows import (
+    VERSION_MAX,
+    ProductInput,
+    ProductRow,
+    Rejection,
+    RowRejected,
+    RowsRejected,
+    sku_of,
+    validate_row,
+)
+from catalog.schema import Product, ProductStyle, StyleLabel, StyleTruth
+from catalog.settings import Settings
+
+__all__ = [
+    "ImageCheck", "ProductImage", "ProductInput", "ProductRow", "Rejection", "RowsRejected", "UpsertReport",
+    "archive_ids", "archive_missing", "archive_products", "archived_skus", "ids_for_skus", "images_for_tagging",
+    "refresh_image_versions", "republish", "upsert_batch", "upsert_products",
+]
 
 SKU_CHUNK = 1000
 
@@ -50,3 +75,403 @@ def ids_for_skus(session: Session, skus: Sequence[str]) -> list[int]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise NotFound(f"unknown SKU {missing[0][:80]!r}{more}; nothing was enqueued")
     return [found[s] for s in wanted]
+
+
+# --- the way in: upsert, archive, image versions ------------------------------------------------------
+
+BATCH = 1000  # rows per transaction
+_P = Product.__table__
+
+
+@dataclass
+class UpsertReport:
+    """What an upsert did. ``rejected`` holds every refused row with its line and reason; ``warnings`` the
+    first few rows whose image could not be read (recorded without a version, tagged when it can be)."""
+
+    rows: int = 0  # rows read (valid or not)
+    inserted: int = 0
+    updated: int = 0  # title, image URI or image version changed, or un-archived
+    unchanged: int = 0
+    unarchived: int = 0  # of updated: archived products that came back
+    archived: int = 0  # set by callers that archive (import --archive-missing)
+    truth_added: int = 0
+    truth_removed: int = 0
+    truth_kept: int = 0  # levels left alone because a person's truth labels are there
+    images_unreadable: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    ids: dict[str, int] = field(default_factory=dict)  # sku -> id, when asked for (want_ids)
+    seen_skus: set[str] = field(default_factory=set)  # every SKU the rows named, when asked for (collect_skus)
+
+    MAX_WARNINGS = 100
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+    def warn(self, text: str) -> None:
+        if len(self.warnings) < self.MAX_WARNINGS:
+            self.warnings.append(text)
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rejected:
+            out[r.reason] = out.get(r.reason, 0) + 1
+        return out
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("ids", "seen_skus", "rejected")}
+        d["rejected"] = len(self.rejected)
+        d["rejected_by_reason"] = self.rejected_by_reason()
+        d["rejections"] = [r.as_dict() for r in self.rejected]
+        d["rows_per_s"] = round(self.rows_per_s, 1)
+        return d
+
+
+def upsert_products(
+    rows: Iterable[Mapping | ProductInput | Rejection],
+    *,
+    settings: Settings | None = None,
+    taxonomy: str | None = None,
+    check_images: bool = True,
+    require_images: bool = False,
+    strict: bool = False,
+    batch_size: int = BATCH,
+    progress: Callable[[int], None] | None = None,
+    want_ids: bool = False,
+    collect_skus: bool = False,
+) -> UpsertReport:
+    """Insert new products and update changed ones, by SKU; the one way in (importer, uploads, sync jobs).
+
+    Rows are mappings (``sku``, ``image_uri``, optional ``title``, ``image_version``, ``labels``: level ->
+    name(s) of taxonomy ``taxonomy``, written as truth labels), :class:`ProductInput` (with a line number)
+    or :class:`Rejection` (a row a reader could not parse, passed through to the report). Each row is
+    checked (:func:`catalog.product_rows.validate_row`); a bad one is rejected with its line and reason, a
+    SKU seen on an earlier line too. ``check_images``: the image of each row without an ``image_version``
+    is HEADed (``ImageReader``, fetch threads) and its version recorded; one that cannot be read is
+    recorded without one (``require_images``: rejected). Batches of ``batch_size`` rows are one
+    transaction each, so an interruption leaves whole batches; ``strict`` checks every row first and writes
+    nothing if any is rejected (RowsRejected). Idempotent: the same rows again change nothing. An archived
+    product named again is un-archived."""
+    from catalog.labels import read_taxonomy
+    from catalog.storage import ImageReader
+    from catalog.storage.uri import parse_prefixes
+
+    settings = settings or Settings.from_env()
+    started = time.perf_counter()
+    report = UpsertReport()
+    tax = None
+    if taxonomy is not None:
+        with session_scope(settings.database_url) as session:
+            tax = read_taxonomy(session, taxonomy)
+    prefixes = parse_prefixes(settings.allowed_image_prefixes)
+    reader = ImageReader.from_settings(settings) if check_images else None
+    first_line: dict[str, int] = {}
+
+    def check(item) -> ProductRow | None:
+        if isinstance(item, Rejection):
+            report.rejected.append(item)
+            return None
+        if not isinstance(item, ProductInput):
+            item = ProductInput.from_mapping(item, report.rows) if isinstance(item, Mapping) else item
+        if not isinstance(item, ProductInput):
+            report.rejected.append(Rejection(report.rows, None, "bad_row", "a row must be an object (a mapping)"))
+            return None
+        sku = sku_of(item)
+        try:
+            row = validate_row(item, prefixes, tax)
+        except RowRejected as exc:
+            if sku is not None and collect_skus:
+                report.seen_skus.add(sku)
+            report.rejected.append(Rejection(item.line, sku, exc.reason, str(exc)))
+            return None
+        seen = first_line.setdefault(row.sku, row.line)
+        if seen != row.line:
+            report.rejected.append(Rejection(row.line, row.sku, "duplicate_sku",
+                                             f"SKU {row.sku[:80]!r} is on line {seen} already"))
+            return None
+        if collect_skus:
+            report.seen_skus.add(row.sku)
+        return row
+
+    def write(batch: list[ProductRow]) -> None:
+        if reader is not None:
+            batch = _read_versions(reader, batch, report, require_images, settings.fetch_threads)
+        if batch:
+            with session_scope(settings.database_url) as session:
+                upsert_batch(session, batch, report, want_ids=want_ids)
+
+    batch: list[ProductRow] = []
+    valid: list[ProductRow] = []
+    pending = 0
+    for item in rows:
+        report.rows += 1
+        pending += 1
+        row = check(item)
+        if row is not None:
+            (valid if strict else batch).append(row)
+        if len(batch) >= batch_size:
+            write(batch)
+            batch = []
+        if progress is not None and pending >= batch_size:
+            progress(pending)
+            pending = 0
+    if strict:
+        if reader is not None and require_images and not report.rejected:  # an unreadable image is a rejection too
+            valid = [row for i in range(0, len(valid), batch_size)
+                     for row in _read_versions(reader, valid[i : i + batch_size], report, True, settings.fetch_threads)]
+        if report.rejected:
+            report.rejected.sort(key=lambda r: r.line)
+            raise RowsRejected(report.rejected, "nothing was written (strict)")
+        for i in range(0, len(valid), batch_size):
+            write(valid[i : i + batch_size])
+    elif batch:
+        write(batch)
+    if progress is not None and pending:
+        progress(pending)
+    report.rejected.sort(key=lambda r: r.line)
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _read_versions(reader, batch: list[ProductRow], report: UpsertReport, require: bool,
+                   threads: int) -> list[ProductRow]:
+    """HEAD the images of rows that bring no version; record what was read (or that nothing could be)."""
+    todo = [i for i, r in enumerate(batch) if r.image_version is None]
+    if not todo:
+        return batch
+    infos = reader.head_many([batch[i].image_uri for i in todo], max_workers=threads)
+    out = list(batch)
+    dropped: set[int] = set()
+    for i, info in zip(todo, infos, strict=True):
+        row = batch[i]
+        if isinstance(info, Exception):
+            if require:
+                report.rejected.append(Rejection(row.line, row.sku, "image_unreadable", str(info)[:300]))
+                dropped.add(i)
+            else:
+                report.images_unreadable += 1
+                report.warn(f"line {row.line}: image not readable, recorded without a version: {str(info)[:200]}")
+        else:
+            out[i] = replace(row, image_version=str(info.version)[:VERSION_MAX])
+    return [r for i, r in enumerate(out) if i not in dropped]
+
+
+def upsert_batch(session: Session, rows: Sequence[ProductRow], report: UpsertReport, *,
+                 want_ids: bool = False) -> None:
+    """One batch in the caller's transaction: insert new SKUs, update changed ones (un-archiving), replace
+    the truth labels of the levels each row names. Counts into ``report``."""
+    now = datetime.now(UTC)
+    skus = [r.sku for r in rows]
+    existing = {e.sku: e for e in session.execute(
+        select(_P.c.id, _P.c.sku, _P.c.title, _P.c.image_uri, _P.c.image_version, _P.c.archived_at)
+        .where(_P.c.sku.in_(skus)))}
+    new, changed, back = [], [], []
+    for r in rows:
+        e = existing.get(r.sku)
+        if e is None:
+            new.append({"sku": r.sku, "title": r.title or "", "image_uri": r.image_uri,
+                        "image_version": r.image_version, "created_at": now, "updated_at": now})
+            continue
+        title = e.title if r.title is None else r.title
+        version = r.image_version if r.image_version is not None or r.image_uri != e.image_uri else e.image_version
+        if (title, r.image_uri, version) != (e.title, e.image_uri, e.image_version) or e.archived_at is not None:
+            changed.append({"pid": e.id, "title": title, "uri": r.image_uri, "version": version, "now": now})
+            if e.archived_at is not None:
+                back.append(e.id)
+        else:
+            report.unchanged += 1
+    if new:
+        stmt = dialect_insert(session, _P)
+        # A concurrent writer (an upload) may have inserted one of these meanwhile: then it is updated.
+        stmt = stmt.on_conflict_do_update(index_elements=["sku"], set_={
+            "title": stmt.excluded.title, "image_uri": stmt.excluded.image_uri,
+            "image_version": stmt.excluded.image_version, "updated_at": stmt.excluded.updated_at,
+            "archived_at": None})
+        session.execute(stmt, new)
+        report.inserted += len(new)
+    if changed:
+        session.connection().execute(
+            update(_P).where(_P.c.id == bindparam("pid")).values(
+                title=bindparam("title"), image_uri=bindparam("uri"), image_version=bindparam("version"),
+                updated_at=bindparam("now"), archived_at=None),
+            changed)
+        report.updated += len(changed)
+    if back:
+        republish(session, back)
+        report.unarchived += len(back)
+    labelled = [r for r in rows if r.truth]
+    if not (labelled or want_ids or new):
+        return
+    ids = {e.sku: e.id for e in existing.values()}
+    if new:
+        ids.update(session.execute(select(_P.c.sku, _P.c.id).where(_P.c.sku.in_([n["sku"] for n in new]))).all())
+    if want_ids:
+        report.ids.update({s: ids[s] for s in skus if s in ids})
+    if labelled:
+        _write_truth(session, [(ids[r.sku], r.truth) for r in labelled if r.sku in ids], report, now)
+
+
+def _write_truth(session: Session, rows: list[tuple[int, dict[str, tuple[int, ...]]]], report: UpsertReport,
+                 now: datetime) -> None:
+    """Make each named level's truth labels what the row says. Rows an importer wrote are replaced; a level
+    where a person's truth labels are (another source) is left as it is."""
+    from catalog.labels import IMPORT_SOURCES
+
+    truth = StyleTruth.__table__
+    label_ids = {lid for _, levels in rows for ids in levels.values() for lid in ids}
+    level_of = dict(session.execute(select(StyleLabel.id, StyleLabel.level).where(StyleLabel.id.in_(label_ids))).all())
+    taxonomy = session.scalar(select(StyleLabel.taxonomy).where(StyleLabel.id.in_(label_ids)).limit(1))
+    have: dict[tuple[int, str], dict[int, str]] = {}
+    for pid, lid, source, level in session.execute(
+        select(truth.c.product_id, truth.c.label_id, truth.c.source, StyleLabel.level)
+        .join(StyleLabel, StyleLabel.id == truth.c.label_id)
+        .where(truth.c.product_id.in_([pid for pid, _ in rows]), StyleLabel.taxonomy == taxonomy)
+    ):
+        have.setdefault((pid, level), {})[lid] = source
+    add, drop = [], []
+    for pid, levels in rows:
+        for level, ids in levels.items():
+            current = have.get((pid, level), {})
+            if any(src not in IMPORT_SOURCES for src in current.values()):
+                report.truth_kept += 1
+                continue
+            want = set(ids)
+            drop.extend({"p": pid, "l": lid} for lid in current if lid not in want)
+            add.extend({"product_id": pid, "label_id": lid, "source": "import", "created_at": now}
+                       for lid in ids if lid not in current and level_of.get(lid) == level)
+    if drop:
+        session.connection().execute(
+            delete(truth).where(truth.c.product_id == bindparam("p"), truth.c.label_id == bindparam("l")), drop)
+        report.truth_removed += len(drop)
+    if add:
+        session.execute(dialect_insert(session, truth).on_conflict_do_nothing(), add)
+        report.truth_added += len(add)
+
+
+def republish(session: Session, product_ids: Sequence[int]) -> None:
+    """Un-archived products: their tags are shown again, as the publishing rule says."""
+    try:
+        from catalog.publishing import refresh_published  # the model-lifecycle work's rule
+    except ImportError:
+        refresh_published = None
+    if refresh_published is not None:
+        refresh_published(session, list(product_ids))
+        return
+    styles = ProductStyle.__table__
+    for i in range(0, len(product_ids), SKU_CHUNK):
+        chunk = list(product_ids[i : i + SKU_CHUNK])
+        session.execute(update(styles).where(styles.c.product_id.in_(chunk), styles.c.source == "model")
+                        .values(published=True))
+
+
+def archive_ids(session: Session, product_ids: Sequence[int]) -> int:
+    """Archive products in the caller's transaction: kept with their tags and history, hidden from the
+    storefront (their tags unpublished), skipped by retags. Returns how many were not archived yet."""
+    now = datetime.now(UTC)
+    styles = ProductStyle.__table__
+    n = 0
+    for i in range(0, len(product_ids), SKU_CHUNK):
+        chunk = list(product_ids[i : i + SKU_CHUNK])
+        n += session.execute(update(_P).where(_P.c.id.in_(chunk), _P.c.archived_at.is_(None))
+                             .values(archived_at=now, updated_at=now)).rowcount or 0
+        session.execute(update(styles).where(styles.c.product_id.in_(chunk), styles.c.published)
+                        .values(published=False))
+    return n
+
+
+def archive_products(skus: Sequence[str], *, settings: Settings | None = None) -> int:
+    """Archive products by SKU (nothing is deleted; importing or uploading the SKU again brings it back).
+    An unknown SKU is a NotFound and nothing is archived. Returns how many were newly archived."""
+    settings = settings or Settings.from_env()
+    with session_scope(settings.database_url) as session:
+        return archive_ids(session, ids_for_skus(session, list(skus)))
+
+
+def archive_missing(keep: set[str], *, settings: Settings | None = None, page: int = 10_000) -> int:
+    """Archive every product whose SKU is not in ``keep`` (the full catalog a file describes); each page
+    of ids its own transaction. Returns how many were newly archived."""
+    settings = settings or Settings.from_env()
+    last, n = 0, 0
+    while True:
+        with session_scope(settings.database_url) as session:
+            rows = session.execute(select(_P.c.id, _P.c.sku).where(_P.c.id > last, _P.c.archived_at.is_(None))
+                                   .order_by(_P.c.id).limit(page)).all()
+            if not rows:
+                return n
+            last = rows[-1].id
+            n += archive_ids(session, [r.id for r in rows if r.sku not in keep])
+
+
+def archived_skus(session: Session, skus: Sequence[str]) -> list[str]:
+    """Which of ``skus`` are archived (in their order)."""
+    found: set[str] = set()
+    wanted = list(dict.fromkeys(skus))
+    for i in range(0, len(wanted), SKU_CHUNK):
+        found.update(session.scalars(select(_P.c.sku).where(_P.c.sku.in_(wanted[i : i + SKU_CHUNK]),
+                                                            _P.c.archived_at.is_not(None))))
+    return [s for s in wanted if s in found]
+
+
+@dataclass
+class ImageCheck:
+    checked: int = 0
+    changed: int = 0  # products whose image_version was updated (a new photo, or a first version)
+    unreadable: int = 0  # left as they were
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def refresh_image_versions(settings: Settings, *, progress: bool | Callable[[int], None] = False,
+                           page: int = 1000) -> ImageCheck:
+    """HEAD every non-archived product's image (``fetch_threads`` at a time) and record its version where it
+    changed: a photo replaced at the same URI (new bytes, new ETag / size-mtime) becomes a changed product for
+    ``retag --changed-only``. One short transaction per page; a product whose URI changed meanwhile is left
+    to whoever changed it."""
+    from catalog.storage import ImageReader
+
+    started = time.perf_counter()
+    reader = ImageReader.from_settings(settings)
+    result = ImageCheck()
+    bar = None
+    if progress is True:
+        from tqdm import tqdm
+
+        with session_scope(settings.database_url) as session:
+            total = session.scalar(select(func.count()).select_from(_P).where(_P.c.archived_at.is_(None)))
+        bar = tqdm(total=total, unit="img", desc="image check", file=sys.stderr, dynamic_ncols=True)
+    last = 0
+    while True:
+        with session_scope(settings.database_url) as session:
+            rows = session.execute(
+                select(_P.c.id, _P.c.image_uri, _P.c.image_version)
+                .where(_P.c.id > last, _P.c.archived_at.is_(None)).order_by(_P.c.id).limit(page)).all()
+        if not rows:
+            break
+        last = rows[-1].id
+        infos = reader.head_many([r.image_uri for r in rows], max_workers=settings.fetch_threads)
+        changes = []
+        for r, info in zip(rows, infos, strict=True):
+            if isinstance(info, Exception):
+                result.unreadable += 1
+            elif str(info.version)[:VERSION_MAX] != r.image_version:
+                changes.append({"pid": r.id, "uri": r.image_uri, "version": str(info.version)[:VERSION_MAX],
+                                "now": datetime.now(UTC)})
+        if changes:
+            with session_scope(settings.database_url) as session:
+                done = session.connection().execute(
+                    update(_P).where(_P.c.id == bindparam("pid"), _P.c.image_uri == bindparam("uri"))
+                    .values(image_version=bindparam("version"), updated_at=bindparam("now")), changes)
+                result.changed += done.rowcount if done.rowcount and done.rowcount > 0 else len(changes)
+        result.checked += len(rows)
+        if bar is not None:
+            bar.update(len(rows))
+        elif callable(progress):
+            progress(len(rows))
+    if bar is not None:
+        bar.close()
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result

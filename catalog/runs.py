@@ -168,7 +168,7 @@ def _todo_query(run: TaggingRun, include_failed: bool):
     query = (
         select(Product.id)
         .outerjoin(state, state.product_id == Product.id)
-        .where(Product.id <= run.max_product_id, not_final_here)
+        .where(Product.id <= run.max_product_id, Product.archived_at.is_(None), not_final_here)  # archived: never
     )
     if run.scope == "changed":
         # Changed = never tagged, failed, tagged by another model, or the image changed since

@@ -142,6 +142,7 @@ class Settings:
     # catalog
     database_url: str = ""
     db_pgbouncer: bool = False  # no server-side prepared statements (PgBouncer < 1.21, transaction pooling)
+    db_schema: str = "public"  # PostgreSQL schema of styletag's tables, view and grants (beside the shop's own)
     # broker
     broker_url: str = "redis://localhost:6379/0"
     broker_master_name: str = ""  # Sentinel only: the monitored master's name
@@ -194,6 +195,7 @@ class Settings:
             home=home,
             database_url=database_url,
             db_pgbouncer=env_flag("STYLETAG_DB_PGBOUNCER"),
+            db_schema=_schema(_raw("STYLETAG_DB_SCHEMA")),
             broker_url=broker_url,
             broker_master_name=master_name,
             broker_sentinel_password=Secret(os.environ.get("STYLETAG_BROKER_SENTINEL_PASSWORD", "")),

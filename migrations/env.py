@@ -24,13 +24,35 @@ def _url() -> str:
     return Settings.from_env().database_url
 
 
+def _schema() -> str:
+    """The PostgreSQL schema styletag lives in (``STYLETAG_DB_SCHEMA``, or what ``catalog.migrate`` passes)."""
+    from catalog.settings import Settings
+
+    return config.attributes.get("db_schema") or Settings.from_env().db_schema
+
+
+def _create_schema(connection, schema: str, commit: bool = True) -> None:
+    """Create styletag's schema before the first migration, so its tables, view and alembic_version land
+    there (every connection's search_path is that schema alone) and never beside the shop's own tables."""
+    if connection.dialect.name != "postgresql" or schema == "public":
+        return
+    from catalog.settings import _schema as checked
+
+    connection.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{checked(schema)}"')
+    if commit:  # our own connection; a caller's stays in the caller's transaction
+        connection.commit()
+
+
 def _configure(connection) -> None:
+    schema = _schema()
+    pg_schema = connection.dialect.name == "postgresql" and schema != "public"
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         # SQLite cannot ALTER most things in place; batch mode recreates tables for later revisions.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        version_table_schema=schema if pg_schema else None,
     )
 
 
@@ -43,15 +65,17 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
+        _create_schema(connection, _schema(), commit=False)
         _configure(connection)
         with context.begin_transaction():
             context.run_migrations()
         return
     from catalog.db import make_engine
 
-    engine = make_engine(_url())
+    engine = make_engine(_url(), schema=_schema())
     try:
         with engine.connect() as conn:
+            _create_schema(conn, _schema())
             sqlite = conn.dialect.name == "sqlite"
             if sqlite:
                 # Batch mode re-creates a table (copy, DROP, rename): with foreign keys on, dropping products

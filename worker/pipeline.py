@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 
 import numpy as np
@@ -110,6 +110,8 @@ class Pipeline:
         decoders = int(getattr(self.settings, "decode_threads", 0) or 0) or (os.cpu_count() or 1)
         self._decoders = threading.BoundedSemaphore(max(1, decoders))
         self._model_pool: ThreadPoolExecutor | None = None
+        # product id -> the version of the image bytes a fetch read (recorded in tag_state.image_version)
+        self._versions: dict[int, str] = {}
 
     # -- stages ---------------------------------------------------------------------------------
     def _fetch_decode(self, item: Item) -> tuple[np.ndarray | None, BaseException | None, float, float]:
@@ -117,7 +119,8 @@ class Pipeline:
 
         t0 = time.perf_counter()
         try:
-            data = self.reader.get(item.uri)
+            fetched = self.reader.fetch(item.uri)  # the bytes and the version of exactly those bytes
+            data, self._versions[item.product_id] = fetched.data, fetched.version
         except (StorageError, BadImage) as exc:
             return None, exc, time.perf_counter() - t0, 0.0
         except Exception as exc:  # noqa: BLE001 - one item's failure is that item's failure, never its batch's
@@ -136,6 +139,8 @@ class Pipeline:
         t0 = time.perf_counter()
         items = load_items(self.settings.database_url, ids)
         results = list(pool.map(self._fetch_decode, items))
+        # What the worker read is what it records: the fetched version, else the catalog's (nothing read).
+        items = [replace(it, image_version=self._versions.pop(it.product_id, it.image_version)) for it in items]
         ok_items, arrays, failures = [], [], []
         transient = 0
         fetch_s = decode_s = 0.0

@@ -1,4 +1,4 @@
-"""``styletag retag``, ``runs`` and ``enqueue``: start, follow and feed tagging runs."""
+"""``styletag retag`` and ``runs``: start and follow tagging runs (``enqueue`` is in worker/cli/uploads.py)."""
 
 from __future__ import annotations
 
@@ -25,13 +25,22 @@ def _settings() -> Settings:
 @click.option("--chunk", type=int, default=1024, show_default=True, help="Product ids per bulk task.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON at the end.")
-def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json) -> None:
+@click.option("--skip-image-check", is_flag=True,
+              help="With --changed-only: trust the catalog's image versions (no HEAD of every image first).")
+def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_image_check) -> None:
     """Tag the catalog: create a run, enqueue its products (or tag them inline)."""
     from catalog.db import session_scope
     from catalog.runs import get_run, run_as_dict
     from worker.producers.retag import enqueue_run, run_inline, start_run, wait_for_run
 
     settings = _settings()
+    if scope == "changed" and resume is None and not skip_image_check:
+        # A photo replaced behind an unchanged URI is a changed product: read every image's version first.
+        from worker.producers.retag import check_image_versions
+
+        check = check_image_versions(settings, progress=not as_json)
+        click.echo(f"image check: {check.checked} images, {check.changed} changed, {check.unreadable} unreadable "
+                   f"in {check.seconds:.1f}s", err=as_json)
     enqueued = False  # a nightly run not tagged inline comes back enqueued already
     if kind == "nightly" and resume is None:
         # The same guard as beat's: never two nightly runs at once (Redis lock + database claim).
@@ -118,13 +127,3 @@ def runs_cmd(run_id, limit, as_json) -> None:
         return
     for info in runs:
         click.echo(_run_line(info))
-
-
-@click.command("enqueue")
-@click.argument("skus", nargs=-1, required=True)
-def enqueue_cmd(skus) -> None:
-    """Enqueue products (new uploads) by SKU onto the uploads queue."""
-    from worker.producers.uploads import enqueue_uploads
-
-    ids = enqueue_uploads(list(skus), _settings())
-    click.echo(f"enqueued {len(ids)} products on the uploads queue")

@@ -34,6 +34,15 @@ def current_model_version(settings: Settings) -> str:
         raise ConfigError(f"model {exc}; set STYLETAG_MODEL to a .safetensors checkpoint") from None
 
 
+def check_image_versions(settings: Settings, *, progress: bool = False):
+    """The pass before a ``--changed-only`` run: HEAD every non-archived product's image and record the
+    versions that changed (a photo replaced behind an unchanged URI), so the run picks those products up.
+    Returns ``catalog.products.ImageCheck`` counts."""
+    from catalog.products import refresh_image_versions
+
+    return refresh_image_versions(settings, progress=progress)
+
+
 def start_run(settings: Settings, *, scope: str, kind: str = "manual", model_version: str | None = None) -> int:
     version = model_version or current_model_version(settings)
     with session_scope(settings.database_url) as session:

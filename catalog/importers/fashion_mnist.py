@@ -1,4 +1,4 @@
-"""Importers that fill the catalog with real products: Fashion-MNIST today.
+"""Fashion-MNIST as 28 px products with ground truth (``styletag import fashion-mnist``).
 
 The import is idempotent and restartable: products are keyed by SKU, an image is written only when
 the store does not already hold the same bytes, and ground truth rows are inserted with ON CONFLICT
