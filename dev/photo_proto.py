@@ -44,6 +44,9 @@ SPECS: dict[str, PreprocessSpec] = {
     # B: grey distance from the backdrop, cropped to the garment: Fashion-MNIST's own look
     "B": PreprocessSpec(channels=1, input_size=28, fit="pad", foreground_crop=True, representation="distance",
                         mean=FMNIST_MEAN, std=FMNIST_STD, margin=0.0),
+    # D: B's distance plus the lightness and chroma differences from the backdrop, cropped to the garment
+    "D": PreprocessSpec(channels=3, input_size=28, fit="pad", foreground_crop=True, representation="lab-delta",
+                        mean=(0.2860, 0.5, 0.5), std=(0.3530, 0.25, 0.25), margin=0.0),
     # C: colour as-is, cropped to the garment, small
     "C": PreprocessSpec(channels=3, input_size=32, fit="pad", foreground_crop=True, representation="as-is",
                         mean=(0.5,), std=(0.5,), margin=0.04),
@@ -158,14 +161,14 @@ def lr_at(step: int, total: int, base: float, warmup: float = 0.15) -> float:
 
 def _norm(design: str, train_x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     spec = SPECS[design]
-    if design == "B":
+    if design in ("B", "D"):
         return spec.mean, spec.std
     sample = train_x[:: max(1, len(train_x) // 4000)].astype(np.float32) / 255.0
     axes = (0, 1, 2)
     return tuple(float(v) for v in sample.mean(axes)), tuple(float(v) for v in sample.std(axes))
 
 
-def _init_from(model, path: str, channels: int) -> None:
+def _init_from(model, path: str, channels: int, first_only: bool = False) -> None:
     import torch
 
     from model.checkpoint import load_checkpoint
@@ -174,7 +177,10 @@ def _init_from(model, path: str, channels: int) -> None:
     own = model.state_dict()
     for k, v in state.items():
         if k in own and own[k].shape != v.shape and v.ndim == 4 and v.shape[1] == 1 and own[k].shape[1] == 3:
-            state[k] = v.repeat(1, 3, 1, 1) / 3  # grey stem -> RGB stem (same response to a grey picture)
+            if first_only:  # the grey model reads channel 0 (lab-delta's distance); the others start at zero
+                state[k] = torch.cat([v, torch.zeros_like(v), torch.zeros_like(v)], 1)
+            else:
+                state[k] = v.repeat(1, 3, 1, 1) / 3  # grey stem -> RGB stem (same response to a grey picture)
     missing = model.load_state_dict(state, strict=False)
     print(f"[train] init from {path}: missing {missing.missing_keys}, unexpected {missing.unexpected_keys}")
     del torch
@@ -206,7 +212,7 @@ def train(args) -> None:
     mean_t, std_t = torch.tensor(mean), torch.tensor(std)
     model = build_model(args.backbone, len(tax.coarse.labels), len(tax.fine.labels), spec.channels)
     if args.init:
-        _init_from(model, args.init, spec.channels)
+        _init_from(model, args.init, spec.channels, first_only=spec.representation == "lab-delta")
     model = model.to(memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]

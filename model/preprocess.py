@@ -6,7 +6,10 @@ how the picture is ``fit`` to a square (``pad``: keep the aspect ratio and pad w
 ``crop``: centre crop; ``stretch``: ignore the aspect ratio), whether it is first cropped to the
 garment's box (``foreground_crop``, found against the fitted studio backdrop, see ``model.colour``),
 the ``representation`` (``as-is``; ``invert``; ``distance``: the perceptual distance from the backdrop
-as grey, garment light on black like Fashion-MNIST, whatever the backdrop's tint), and ``mean``/``std``
+as grey, garment light on black like Fashion-MNIST, whatever the backdrop's tint; ``lab-delta``, three
+channels: that distance, the lightness difference from the backdrop and the chroma difference, each
+centred so the backdrop is (0, 128, 128): the garment's shading and print survive, the tint does not),
+and ``mean``/``std``
 (applied later on tensors, ``model.data.to_input``). Its ``to_dict()`` goes into the checkpoint's JSON
 metadata under ``"preprocess"``; :meth:`PreprocessSpec.from_checkpoint_meta` maps older metadata without
 that key to the legacy spec, which reproduces ``worker.decode.decode_image`` byte for byte.
@@ -31,7 +34,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .colour import FOREGROUND_DELTA_E, backdrop_surface, distance_from_backdrop, fit_backdrop
+from .colour import (
+    FOREGROUND_DELTA_E,
+    backdrop_surface,
+    distance_from_backdrop,
+    fit_backdrop,
+    srgb_to_lab_fast,
+)
 from .errors import BadImage
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # never let PIL silently decode half an image
@@ -43,7 +52,8 @@ FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")  # JPEG also opens MPO (
 Image.init()  # register every plugin now, so that open(formats=...) finds WEBP and TIFF
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FITS = ("pad", "crop", "stretch")
-REPRESENTATIONS = ("as-is", "invert", "distance")
+REPRESENTATIONS = ("as-is", "invert", "distance", "lab-delta")
+DELTA_GAIN = 1.25  # lab-delta: uint8 steps per Lab unit of lightness / chroma difference (±100 fits)
 DISTANCE_FLOOR = 40.0  # ΔE that maps to white at least: a faint image is not stretched into loud noise
 
 
@@ -75,6 +85,8 @@ class PreprocessSpec:
             raise ValueError(f"representation must be one of {REPRESENTATIONS}, not {self.representation!r}")
         if self.input_size < 1:
             raise ValueError("input_size must be positive")
+        if self.representation == "lab-delta" and self.channels != 3:
+            raise ValueError("the lab-delta representation has three channels")
         if len(self.mean) not in (1, self.channels) or len(self.std) != len(self.mean):
             raise ValueError("mean and std need one value, or one per channel")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -87,7 +99,7 @@ class PreprocessSpec:
 
     @property
     def needs_backdrop(self) -> bool:
-        return self.foreground_crop or self.representation == "distance" or self.fit == "pad"
+        return self.foreground_crop or self.representation in ("distance", "lab-delta") or self.fit == "pad"
 
     @property
     def work_size(self) -> int:
@@ -237,12 +249,21 @@ def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         work = rgb_img
     rgb = np.asarray(work, dtype=np.uint8)
     coef = fit_backdrop(rgb)
-    dist = distance_from_backdrop(rgb, coef) if (spec.foreground_crop or spec.representation == "distance") else None
+    needs_dist = spec.foreground_crop or spec.representation in ("distance", "lab-delta")
+    dist = distance_from_backdrop(rgb, coef) if needs_dist else None
 
-    if spec.representation == "distance":
+    if spec.representation in ("distance", "lab-delta"):
         scale = max(float(np.percentile(dist, 99.5)), DISTANCE_FLOOR)
         plane = np.clip(dist * (255.0 / scale), 0, 255).astype(np.uint8)[..., None]
         pad_value: tuple[int, ...] = (0,)
+        if spec.representation == "lab-delta":
+            lab = srgb_to_lab_fast(rgb)
+            bg = srgb_to_lab_fast(np.round(backdrop_surface(rgb, coef)).astype(np.uint8))
+            d_l = lab[..., 0] - bg[..., 0]
+            d_c = np.hypot(lab[..., 1], lab[..., 2]) - np.hypot(bg[..., 1], bg[..., 2])
+            extra = np.clip(128 + DELTA_GAIN * np.stack([d_l, d_c], -1), 0, 255).astype(np.uint8)
+            plane = np.concatenate([plane, extra], -1)
+            pad_value = (0, 128, 128)
     else:
         surf = backdrop_surface(rgb, coef)
         border = np.concatenate([surf[0], surf[-1], surf[:, 0], surf[:, -1]])

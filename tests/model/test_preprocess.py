@@ -128,6 +128,20 @@ def test_distance_representation_ignores_the_backdrop_tint():
         assert abs(out.mean() - outs[0].mean()) < 8  # and about as bright
 
 
+def test_lab_delta_keeps_shading_and_centres_the_backdrop():
+    img = _studio(700, 700, base=(226, 236, 248))
+    img[150:550, 250:450] = (30, 40, 90)
+    img[150:550, 250:350] *= 0.6  # the garment's left half in shade
+    spec = PreprocessSpec(channels=3, input_size=28, fit="pad", foreground_crop=True, representation="lab-delta",
+                          margin=0.0)
+    out = decode_image(_jpeg(img.astype(np.uint8)), spec, MAX_PIXELS).astype(int)
+    assert np.abs(out[:, :3] - [0, 128, 128]).max() <= 3, "backdrop and padding are (0, 128, 128)"
+    lit, shade = out[4:24, 16:20, 1].mean(), out[4:24, 8:12, 1].mean()
+    assert lit < 128 and shade < lit - 8, (lit, shade)  # darker than the backdrop, and the shade darker still
+    with pytest.raises(ValueError):
+        PreprocessSpec(channels=1, representation="lab-delta")
+
+
 def test_exif_rotation_and_transparency_are_applied():
     spec = PreprocessSpec(channels=1, input_size=28, fit="pad", representation="as-is")
     grey = decode_image(exif_rotated_jpeg(), spec, MAX_PIXELS)[..., 0].astype(np.float32)
