@@ -64,7 +64,7 @@ def tags_for_sku(session: Reader, sku: str) -> dict:
     """A product and its tags, primary first, then by score; NotFound for an unknown SKU."""
     product = session.execute(_PRODUCT_BY_SKU, {"sku": sku}).first()
     if product is None:
-        raise NotFound(f"no product with SKU {sku!r}")
+        raise NotFound(f"no product with SKU {sku[:80]!r}")
     rows = session.execute(_TAGS_OF_PRODUCT, {"pid": product.id}).all()
     return {
         "sku": product.sku,
@@ -88,9 +88,10 @@ def decode_cursor(cursor: str) -> tuple[float, int]:
         padded = cursor + "=" * (-len(cursor) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
         score, pid = float(data["s"]), int(data["p"])
-    except (ValueError, KeyError, TypeError, UnicodeEncodeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, UnicodeEncodeError, binascii.Error, OverflowError):
         raise BadCursor(f"bad cursor {cursor[:60]!r}; pass the next_cursor of a previous page") from None
-    if math.isnan(score) or isinstance(data["p"], bool):
+    # A product id is a positive BIGINT: anything else would fail in the database, not here.
+    if math.isnan(score) or isinstance(data["p"], bool) or not 0 < pid < 2**63:
         raise BadCursor(f"bad cursor {cursor[:60]!r}; pass the next_cursor of a previous page")
     return score, pid
 
@@ -124,7 +125,7 @@ def _label_ids(session: Reader, style: str, level: str | None, refresh: bool = F
         ids = tuple(session.scalars(_LABELS_BY_NAME_LEVEL, {"name": style, "level": level}))
     if not ids:
         where = f" at level {level}" if level else ""
-        raise NotFound(f"no style {style!r}{where}; 'styletag facets' lists the styles")
+        raise NotFound(f"no style {style[:80]!r}{where}; 'styletag facets' lists the styles")
     with _label_lock:
         if len(_label_cache) > 10_000:
             _label_cache.clear()
@@ -158,6 +159,8 @@ def find_by_style(
     _check_level(level)
     if not 1 <= limit <= MAX_PAGE:
         raise StyletagError(f"limit must be between 1 and {MAX_PAGE}")
+    if not 0 <= min_score <= 1:  # NaN too
+        raise StyletagError(f"min_score must be a number between 0 and 1, got {min_score!r}")
     cursor = decode_cursor(after) if after else None
     label_ids = _label_ids(session, style, level)
     rows = _find_rows(session, label_ids, min_score, limit, cursor)
@@ -216,3 +219,18 @@ def facet_counts(
         {"taxonomy": taxonomy, "level": lvl, "style": name, "count": int(count)}
         for taxonomy, lvl, name, count in session.execute(query)
     ]
+
+
+def sample_image_uris(session: Reader, n: int = 10, prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Image URIs of live products to check the configuration with (``worker/ops/preflight.py``): the first
+    and last ``n`` by id (the oldest and newest imports) and, for each of ``prefixes``, one whose URI starts
+    with it, wherever it is in the catalog."""
+    live = select(Product.image_uri).where(Product.archived_at.is_(None)).limit(n)
+    found = list(session.scalars(live.order_by(Product.id))) + list(session.scalars(live.order_by(Product.id.desc())))
+    for prefix in prefixes:
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        uri = session.scalar(select(Product.image_uri).where(
+            Product.archived_at.is_(None), Product.image_uri.like(pattern, escape="\\")).limit(1))
+        if uri is not None:
+            found.append(uri)
+    return list(dict.fromkeys(found))

@@ -13,7 +13,8 @@ so whatever kombu supports, they support.
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
+from kombu import transport as kombu_transport
 
 from catalog.settings import Settings
 
@@ -39,6 +40,33 @@ UPLOAD_FLUSH_INTERVAL = SETTINGS.upload_interval
 
 # A bulk message carries at most this many ids; larger ones are refused, never executed blindly.
 MAX_IDS_PER_TASK = SETTINGS.max_ids_per_task
+
+
+# Every Redis connection a styletag process opens uses kombu's Redis transport with each item checked before
+# it is delivered (worker/messages.py): a malformed item is dead-lettered instead of stopping the consumer.
+# Registered under the URL schemes themselves, so that it also holds after kombu fails over to another
+# URL of a Sentinel list (which re-reads the transport from the scheme).
+GUARDED_TRANSPORTS = {
+    "redis": "worker.messages:GuardedRedisTransport",
+    "rediss": "worker.messages:GuardedRedisTransport",
+    "sentinel": "worker.messages:GuardedSentinelTransport",
+}
+
+
+def install_guarded_transports() -> None:
+    for scheme, target in GUARDED_TRANSPORTS.items():
+        kombu_transport.TRANSPORT_ALIASES[scheme] = target
+        getattr(kombu_transport, "_transport_cache", {}).pop(scheme, None)  # resolved before this import
+
+
+install_guarded_transports()
+
+
+def task_queues() -> tuple[Queue, ...]:
+    """Each queue bound to a direct exchange of its own name with its own name as routing key: a message
+    published to exchange ``bulk`` / key ``bulk`` reaches ``bulk`` only (with one shared exchange and
+    key, kombu's Redis transport delivered it to both queues)."""
+    return tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (UPLOADS_QUEUE, BULK_QUEUE))
 
 
 def sentinel_options(settings: Settings) -> dict:
@@ -82,8 +110,10 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=None,
         worker_send_task_events=False,
-        task_queues=(Queue(UPLOADS_QUEUE), Queue(BULK_QUEUE)),
+        task_queues=task_queues(),
         task_default_queue=BULK_QUEUE,
+        task_default_exchange=BULK_QUEUE,
+        task_default_routing_key=BULK_QUEUE,
         task_routes={
             "styletag.tag_products": {"queue": BULK_QUEUE},
             "styletag.tag_uploads": {"queue": UPLOADS_QUEUE},
@@ -106,3 +136,22 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
+
+
+def remove_stale_bindings(settings: Settings) -> int:
+    """Bindings an older styletag left in Redis, which bound ``uploads`` to exchange ``bulk`` with key ``bulk``
+    (kombu keeps bindings in the broker, so new queue declarations alone do not remove them). Called by
+    ``styletag worker`` before its consumers declare the queues; returns how many were removed."""
+    removed = 0
+    with broker_connection(settings, connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5)
+        channel = conn.default_channel
+        client, sep = channel.client, channel.sep
+        ours = (UPLOADS_QUEUE, BULK_QUEUE)
+        for exchange in ours:
+            key = channel.keyprefix_queue % exchange
+            for member in client.smembers(key):
+                queue = (member.decode() if isinstance(member, bytes) else str(member)).split(sep)[-1]
+                if queue in ours and queue != exchange:
+                    removed += client.srem(key, member)
+    return removed

@@ -25,7 +25,7 @@ from worker.app import (
 )
 from worker.batching import CoalescingBatches
 from worker.context import get_context
-from worker.messages import InvalidMessage, guard_strategy, validate_ids, validate_run_id
+from worker.messages import InvalidMessage, enqueued_at, guard_strategy, validate_ids, validate_run_id
 
 log = logging.getLogger("styletag.tasks")
 
@@ -122,6 +122,7 @@ def tag_uploads(requests) -> None:
 
     ids: list[int] = []
     attempts: dict[int, int] = {}
+    enqueued: dict[int, float | None] = {}  # for styletag_upload_latency_seconds
     for req in requests:
         try:
             args = list(req.args or ())
@@ -129,6 +130,7 @@ def tag_uploads(requests) -> None:
             pid = args[0] if args else kwargs.get("product_id")
             (pid,) = validate_ids([pid], limit=1)
             attempts[pid] = int(kwargs.get("attempt", 0)) if isinstance(kwargs.get("attempt", 0), int) else 0
+            enqueued[pid] = enqueued.get(pid) or enqueued_at(kwargs)
             ids.append(pid)
         except (InvalidMessage, IndexError, TypeError, ValueError) as exc:
             log.error("refused upload message %s: %s", req.id, exc)
@@ -146,11 +148,14 @@ def tag_uploads(requests) -> None:
             for pid in ids:
                 attempt = attempts.get(pid, 0) + 1
                 if attempt <= UPLOAD_MAX_ATTEMPTS:
-                    retry(TAG_UPLOADS, (pid,), {"attempt": attempt}, countdown=min(60, 2**attempt),
+                    retry(TAG_UPLOADS, (pid,), {"attempt": attempt, "enqueued_at": enqueued.get(pid)}, countdown=min(60, 2**attempt),
                           queue=UPLOADS_QUEUE)
         log.warning("uploads batch of %d will retry: %s", len(ids), str(exc).splitlines()[0][:200])
         return
     elapsed = time.perf_counter() - t0
+    from worker.ops.metrics import observe_upload_latency
+
+    observe_upload_latency([t for t in enqueued.values() if t is not None])  # the batch's write committed
     log.info(
         "tag_uploads batch_size=%d tagged=%d failed=%d seconds=%.3f",
         len(ids), report.tagged, report.failed, elapsed,

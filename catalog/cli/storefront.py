@@ -9,6 +9,16 @@ from catalog.cli import current_settings, echo_json, table
 # --- storefront -------------------------------------------------------------------------------------
 
 
+class Score(click.FloatRange):
+    """A score between 0 and 1; NaN (which every comparison lets through) is refused."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number between 0 and 1", param, ctx)
+        return number
+
+
 @click.command("tags")
 @click.argument("sku")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -33,7 +43,7 @@ def tags(sku: str, as_json: bool) -> None:
 @click.command("find")
 @click.option("--style", required=True, help="Style name, e.g. sneaker or shoes.")
 @click.option("--level", type=click.Choice(["coarse", "fine"]), default=None)
-@click.option("--min-score", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--min-score", type=Score(0, 1), default=0.0, show_default=True)
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--after", default=None, help="Cursor from the previous page (next_cursor).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: {items, next_cursor}.")
@@ -48,7 +58,7 @@ def find(style, level, min_score, limit, after, as_json) -> None:
         echo_json({"items": items, "next_cursor": next_cursor})
         return
     if not items:
-        click.echo(f"no products tagged {style!r} with score >= {min_score}")
+        click.echo(f"no products tagged {style[:80]!r} with score >= {min_score}")
         return
     rows = [(i["sku"], i["level"], i["style"], i["score"], "*" if i["is_primary"] else "", i["title"]) for i in items]
     click.echo(table(rows, ["sku", "level", "style", "score", "primary", "title"]))
@@ -58,7 +68,7 @@ def find(style, level, min_score, limit, after, as_json) -> None:
 
 @click.command("facets")
 @click.option("--level", type=click.Choice(["coarse", "fine"]), default=None)
-@click.option("--min-score", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--min-score", type=Score(0, 1), default=0.0, show_default=True)
 @click.option("--all-tags", is_flag=True, help="Count every tag, not only primary ones.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def facets(level, min_score, all_tags, as_json) -> None:

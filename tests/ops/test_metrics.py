@@ -91,8 +91,9 @@ def test_exporter_reports_queue_depth_per_queue_and_the_unfinished_run(stack):
     assert metric(parsed, "styletag_queue_depth", queue="bulk") == math.ceil(total / CHUNK)
     assert metric(parsed, "styletag_queue_depth", queue="uploads") == N_UPLOADS
     run = str(stack["run_id"])
-    assert metric(parsed, "styletag_run_products", run_id=run, kind="manual", counter="total") == total
-    assert metric(parsed, "styletag_run_products", run_id=run, counter="done") == 0
+    assert metric(parsed, "styletag_run_products", run_id=run, kind="manual") == total
+    assert metric(parsed, "styletag_run_done_products", run_id=run) == 0
+    assert metric(parsed, "styletag_run_failed_products", run_id=run) == 0
     assert metric(parsed, "styletag_run_age_seconds", run_id=run) >= 0
     assert metric(parsed, "styletag_broker_up") == 1 and metric(parsed, "styletag_database_up") == 1
 
@@ -147,7 +148,10 @@ def test_worker_counters_match_the_database_during_and_after_the_run(stack):
         assert metric(parsed, "styletag_stage_seconds_count", stage=stage) == batches, stage
         assert metric(parsed, "styletag_stage_seconds_bucket", stage=stage, le="+Inf") == batches, stage
     assert metric(parsed, "styletag_stage_seconds_sum", stage="model") > 0
-    assert metric(parsed, "styletag_images_per_second") > 0
+    assert not has_metric(parsed, "styletag_stage_seconds_count", stage="wall")  # its own histogram instead
+    assert metric(parsed, "styletag_batch_seconds_count") == batches
+    assert metric(parsed, "styletag_images_total") == total  # a counter: rate() gives images/s
+    assert not has_metric(parsed, "styletag_images_per_second")
 
     version = current_model_version(stack["settings"])
     assert has_metric(parsed, "styletag_model_info", model_version=version, gpu="none", queue="bulk")

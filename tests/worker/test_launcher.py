@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from catalog.errors import ConfigError
-from worker.ops.launcher import WorkerSpec, build_specs, parse_gpus, parse_queues, run_workers
+from worker.ops.launcher import (
+    EXIT_CRASH_LOOP,
+    RestartPolicy,
+    WorkerSpec,
+    build_specs,
+    parse_gpus,
+    parse_queues,
+    run_workers,
+)
 
 
 def test_parse_gpus():
@@ -83,3 +94,75 @@ def test_worker_dry_run_cli_never_imports_torch():
     assert proc.returncode == 0, proc.stderr
     specs = json.loads(proc.stdout)
     assert [(s["gpu"], s["CUDA_VISIBLE_DEVICES"]) for s in specs] == [("1", "1"), ("3", "3")]
+
+
+# --- supervision (issue 15, item 1): a dead worker is restarted; a crash loop ends the launcher ---------
+
+def _probe_specs(tmp_path, script: str, n: int = 1) -> list[WorkerSpec]:
+    """Specs whose process is ``python -c script <counter file>``; the script sees how often it ran."""
+    specs = []
+    for i, s in enumerate(build_specs([str(g) for g in range(n)], ["bulk"])):
+        counter = tmp_path / f"starts-{i}"
+        specs.append(WorkerSpec(s.gpu, s.queue, (sys.executable, "-c", script, str(counter)), s.env, s.nodename))
+    return specs
+
+
+COUNT = "import os, sys, time; f = open(sys.argv[1], 'a'); f.write('x'); f.close(); n = len(open(sys.argv[1]).read())\n"
+
+
+def test_a_worker_that_dies_is_restarted_with_backoff(tmp_path, caplog):
+    """Dies (SIGKILL of itself) on its first two starts, then exits 0: started three times, then done."""
+    script = COUNT + "if n <= 2: os.kill(os.getpid(), 9)\n"
+    specs = _probe_specs(tmp_path, script)
+    policy = RestartPolicy(max_restarts=5, window_s=60, backoff_start=0.2, backoff_max=1)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="styletag.launcher"):
+        assert run_workers(specs, policy, poll_s=0.05) == 0
+    elapsed = time.monotonic() - t0
+    assert (tmp_path / "starts-0").read_text() == "xxx"
+    assert elapsed >= 0.2 + 0.4 - 0.05, elapsed  # backoff 0.2 s, then 0.4 s
+    restarts = [r.getMessage() for r in caplog.records if "restarting it in" in r.getMessage()]
+    assert len(restarts) == 2 and "was killed by SIGKILL" in restarts[0], restarts
+    assert "restarting it in 0.2 s" in restarts[0] and "restarting it in 0.4 s" in restarts[1]
+
+
+def test_a_crash_loop_gives_up_loudly_and_stops_the_other_workers(tmp_path, caplog):
+    """Worker 0 always exits 1; worker 1 runs until SIGTERM. After max_restarts the launcher gives up
+    with one critical line, stops worker 1 and exits EXIT_CRASH_LOOP."""
+    crash = COUNT + "sys.exit(1)\n"
+    stay = COUNT + ("import signal\nsignal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1] + '.term', 'w').close(), "
+                    "sys.exit(0)))\ntime.sleep(120)\n")
+    specs = _probe_specs(tmp_path, crash, 2)
+    specs[1] = WorkerSpec(specs[1].gpu, specs[1].queue, (sys.executable, "-c", stay, str(tmp_path / "starts-1")),
+                          specs[1].env, specs[1].nodename)
+    policy = RestartPolicy(max_restarts=3, window_s=60, backoff_start=0.05, backoff_max=0.1)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="styletag.launcher"):
+        code = run_workers(specs, policy, poll_s=0.05)
+    assert code == EXIT_CRASH_LOOP == 3
+    assert time.monotonic() - t0 < 60
+    assert (tmp_path / "starts-0").read_text() == "x" * 4  # first start + 3 restarts
+    assert (tmp_path / "starts-1").read_text() == "x" and (tmp_path / "starts-1.term").exists()
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(critical) == 1 and "crash loop, giving up" in critical[0].getMessage()
+    assert "exited with status 1" in critical[0].getMessage()
+
+
+def test_sigterm_is_forwarded_and_nothing_is_restarted_while_stopping(tmp_path):
+    """The launcher in its own process: SIGTERM reaches the worker (warm shutdown), which exits 0; no restart."""
+    stay = COUNT + ("import signal\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+                    "time.sleep(120)\n")
+    counter = tmp_path / "starts-0"
+    code = ("import sys; from worker.ops.launcher import run_workers, build_specs, WorkerSpec, RestartPolicy\n"
+            "s = build_specs(['0'], ['bulk'])[0]\n"
+            f"spec = WorkerSpec(s.gpu, s.queue, (sys.executable, '-c', {stay!r}, {str(counter)!r}), s.env, s.nodename)\n"
+            "sys.exit(run_workers([spec], RestartPolicy(backoff_start=0.05), poll_s=0.05))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not counter.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert counter.read_text() == "x"

@@ -45,6 +45,12 @@ class LazyGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
             raise user_error(exc) from None
 
+    def parse_args(self, ctx, args):
+        for i, arg in enumerate(args, 1):  # bytes that are not UTF-8 reach us as surrogate escapes
+            if any("\udc80" <= ch <= "\udcff" for ch in arg):
+                raise UserError(f"argument {i} is not valid UTF-8 text ({ascii(arg)[:80]}); pass UTF-8", 2)
+        return super().parse_args(ctx, args)
+
     def list_commands(self, ctx):
         return sorted(COMMANDS)
 
@@ -71,6 +77,10 @@ def _one_line(exc: BaseException) -> str:
     return text[0][:300] if text else exc.__class__.__name__
 
 
+# An error line is cut here (after masking secrets), whatever argument a message repeats.
+MAX_ERROR_CHARS = 600
+
+
 class UserError(click.ClickException):
     """What the user sees of any failure: ``error: <one line>`` on stderr, secrets masked, and the exit code."""
 
@@ -79,10 +89,10 @@ class UserError(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:
-        from worker.ops.logs import scrub
+        from worker.ops.logs import bound, scrub
 
         try:
-            click.echo(f"error: {scrub(self.message)}", err=True)
+            click.echo(f"error: {bound(scrub(self.message), MAX_ERROR_CHARS)}", err=True)
         except Exception:  # noqa: BLE001, S110 - stderr gone (closed pipe): the exit code still says it
             pass
 
@@ -134,6 +144,8 @@ def user_error(exc: Exception) -> click.ClickException:
     logging.getLogger("styletag").debug("error", exc_info=exc)
     if isinstance(exc, DBAPIError):
         return UserError(_database_error(exc))
+    if isinstance(exc, UnicodeEncodeError) and "surrogates" in str(exc):  # undecodable bytes from the environment
+        return UserError(f"a setting or file name is not valid UTF-8 text ({_one_line(exc)[:120]}); use UTF-8", 2)
     if _is_broker_error(exc):
         return UserError(f"broker {_setting('broker_url')} unreachable ({_one_line(exc)}); check STYLETAG_BROKER_URL")
     return UserError(f"unexpected {exc.__class__.__name__}: {_one_line(exc)} (run with --log-level DEBUG for details)")

@@ -13,17 +13,23 @@ def _settings() -> Settings:
     return Settings.from_env()
 
 
+# A run id is a positive BIGINT; anything else is refused before a query (not an OverflowError in one).
+RUN_ID = click.IntRange(1, 2**63 - 1)
+
+
 @click.command("retag")
 @click.option("--all", "scope", flag_value="all", help="Retag every product.")
 @click.option("--changed-only", "scope", flag_value="changed", default=True,
               help="Only products whose model or image version changed (default).")
 @click.option("--wait", is_flag=True, help="Follow the run's progress until it finishes.")
 @click.option("--inline", is_flag=True, help="Run the pipeline in this process (no broker).")
-@click.option("--resume", "resume", type=int, default=None, metavar="RUN_ID",
+@click.option("--resume", "resume", type=RUN_ID, default=None, metavar="RUN_ID",
               help="Re-enqueue what run RUN_ID has not finished.")
 @click.option("--kind", type=click.Choice(["manual", "nightly"]), default="manual", show_default=True)
-@click.option("--chunk", type=int, default=1024, show_default=True, help="Product ids per bulk task.")
-@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option("--chunk", type=click.IntRange(1), default=1024, show_default=True,
+              help="Product ids per bulk task (at most STYLETAG_MAX_IDS_PER_TASK).")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=None,
+              help="With --wait: give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON at the end.")
 @click.option("--skip-image-check", is_flag=True,
               help="With --changed-only: trust the catalog's image versions (no HEAD of every image first).")
@@ -34,6 +40,12 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_i
     from worker.producers.retag import enqueue_run, run_inline, start_run, wait_for_run
 
     settings = _settings()
+    if chunk > settings.max_ids_per_task:  # the workers would refuse every message
+        raise click.BadParameter(f"{chunk} is over STYLETAG_MAX_IDS_PER_TASK ({settings.max_ids_per_task}), "
+                                 "the most ids a worker accepts in one message", param_hint="'--chunk'")
+    from worker.ops.preflight import preflight
+
+    preflight(settings)  # a setting that would fail every product: one line now, no run created
     if scope == "changed" and resume is None and not skip_image_check:
         # A photo replaced behind an unchanged URI is a changed product: read every image's version first.
         from worker.producers.retag import check_image_versions
@@ -75,6 +87,11 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_i
         click.echo(json.dumps(info))
     elif wait or inline:
         click.echo(_run_line(info))
+    if (wait or inline) and info["failed"] and not info["done"] and not info.get("skipped"):
+        from catalog.errors import StyletagError
+
+        raise StyletagError(f"run {run_id} tagged nothing: all {info['failed']} products failed; "
+                            f"'styletag report {run_id}' shows why")
 
 
 def _start_nightly_from_cli(settings, scope: str, inline: bool, chunk: int, as_json: bool) -> int:
@@ -111,8 +128,8 @@ def _run_line(info: dict) -> str:
 
 
 @click.command("runs")
-@click.argument("run_id", type=int, required=False)
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.argument("run_id", type=RUN_ID, required=False)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def runs_cmd(run_id, limit, as_json) -> None:
     """Show tagging runs and their counters."""
@@ -121,9 +138,10 @@ def runs_cmd(run_id, limit, as_json) -> None:
 
     settings = _settings()
     with session_scope(settings.database_url) as session:
-        runs = [run_as_dict(get_run(session, run_id))] if run_id else [run_as_dict(r) for r in list_runs(session, limit)]
+        one = run_id is not None
+        runs = [run_as_dict(get_run(session, run_id))] if one else [run_as_dict(r) for r in list_runs(session, limit)]
     if as_json:
-        click.echo(json.dumps(runs[0] if run_id else runs, default=str))
+        click.echo(json.dumps(runs[0] if one else runs, default=str))
         return
     for info in runs:
         click.echo(_run_line(info))

@@ -34,7 +34,26 @@ def worker_cmd(gpus, queues, threads, loglevel, metrics_port, bulk_procs, dry_ru
                                 "CUDA_VISIBLE_DEVICES": s.env["CUDA_VISIBLE_DEVICES"], "argv": list(s.argv)}
                                for s in specs], indent=2))
         return
+    _before_start(_settings())
     sys.exit(run_workers(specs))
+
+
+def _before_start(settings: Settings) -> None:
+    """A configuration error stops the launcher with one line before any worker starts (issue 15, item 6);
+    bindings an older version left in the broker are removed (item 8)."""
+    import logging
+
+    from worker.ops.preflight import preflight
+
+    preflight(settings)
+    log = logging.getLogger("styletag.launcher")
+    try:
+        from worker.app import remove_stale_bindings
+
+        if removed := remove_stale_bindings(settings):
+            log.warning("removed %d stale queue binding(s) left by an older styletag", removed)
+    except Exception as exc:  # noqa: BLE001 - the broker may come up later; Celery retries its connection
+        log.warning("queue bindings not checked (broker unavailable: %s)", str(exc).splitlines()[0][:120])
 
 
 @click.command("beat")

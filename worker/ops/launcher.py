@@ -8,6 +8,11 @@ needs a deep prefetch (a burst must reach the worker to be batched), while bulk 
 prefetch 1 so that several GPUs share a run fairly and a killed worker holds only one chunk. So each
 GPU gets an ``uploads`` worker and a ``bulk`` worker; the uploads one is idle most of the time and
 never waits behind a bulk chunk, which is what "uploads are served first" needs.
+
+Supervision: the launcher restarts a Celery process that dies (a consumer stopped by an error, an OOM
+kill, a SIGKILL), with backoff, and gives up loudly on a crash loop (:class:`RestartPolicy`): one
+critical log line, every other worker stopped, exit status 3, for the container's or systemd's restart
+policy to take over.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from catalog.errors import ConfigError
@@ -114,23 +120,112 @@ def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | Non
     return specs
 
 
-def run_workers(specs: list[WorkerSpec]) -> int:
-    """Start every worker, forward SIGTERM/SIGINT (warm shutdown), exit when all have exited."""
-    procs = []
-    for spec in specs:
-        log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.nodename, spec.env["CUDA_VISIBLE_DEVICES"])
-        procs.append(subprocess.Popen(spec.argv, env=spec.env))
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How the launcher supervises its Celery processes: a process that dies (non-zero exit, or killed by a
+    signal) while the launcher is not stopping is started again after ``backoff_start`` seconds, doubled
+    for each further restart within ``window_s`` up to ``backoff_max``; more than ``max_restarts`` restarts
+    of one process within ``window_s`` is a crash loop: the launcher stops every process and exits
+    with :data:`EXIT_CRASH_LOOP`. A process that exits 0 by itself (a remote ``celery control shutdown``)
+    is not restarted."""
 
-    def forward(signum, _frame):
-        for p in procs:
-            if p.poll() is None:
+    max_restarts: int = 5
+    window_s: float = 300.0
+    backoff_start: float = 1.0
+    backoff_max: float = 30.0
+
+    def delay(self, recent: int) -> float:
+        return min(self.backoff_max, self.backoff_start * 2 ** max(0, recent - 1))
+
+
+EXIT_CRASH_LOOP = 3
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def run_workers(specs: list[WorkerSpec], policy: RestartPolicy | None = None, poll_s: float = 0.2) -> int:
+    """Start every worker and supervise them (:class:`RestartPolicy`); forward SIGTERM/SIGINT (warm
+    shutdown) and return when all have exited: 0, a child's non-zero status, or EXIT_CRASH_LOOP."""
+    supervisor = _Supervisor(specs, policy or RestartPolicy())
+    previous = {sig: signal.signal(sig, lambda signum, _frame: supervisor.stop_all(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return supervisor.run(poll_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Supervisor:
+    def __init__(self, specs: list[WorkerSpec], policy: RestartPolicy):
+        self.specs, self.policy = specs, policy
+        self.procs: dict[int, subprocess.Popen | None] = {}
+        self.due: dict[int, float] = {}  # index -> when a dead worker starts again
+        self.history: dict[int, deque[float]] = {i: deque() for i in range(len(specs))}
+        self.stopping = False
+        self.code = 0
+
+    def start(self, i: int) -> None:
+        spec = self.specs[i]
+        log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.nodename, spec.env["CUDA_VISIBLE_DEVICES"])
+        try:
+            self.procs[i] = subprocess.Popen(spec.argv, env=spec.env)
+        except OSError as exc:
+            log.error("%s could not be started: %s", spec.nodename, exc)
+            self.procs[i] = None
+            self.code = self.code or 1
+
+    def stop_all(self, signum: int) -> None:
+        self.stopping = True
+        self.due.clear()
+        for p in self.procs.values():
+            if p is not None and p.poll() is None:
                 p.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    code = 0
-    while any(p.poll() is None for p in procs):
-        time.sleep(0.5)
-    for p in procs:
-        code = code or (p.returncode or 0)
-    return code
+    def _died(self, i: int, returncode: int, now: float) -> None:
+        spec = self.specs[i]
+        if self.stopping:
+            self.code = self.code or returncode
+            return
+        if returncode == 0:
+            log.warning("%s exited by itself (status 0); not restarted", spec.nodename)
+            return
+        recent = self.history[i]
+        while recent and now - recent[0] > self.policy.window_s:
+            recent.popleft()
+        recent.append(now)
+        if len(recent) > self.policy.max_restarts:
+            log.critical("%s %s; it died %d times within %.0f s: crash loop, giving up (stopping every worker, "
+                         "exit status %d)", spec.nodename, _describe(returncode), len(recent), self.policy.window_s,
+                         EXIT_CRASH_LOOP)
+            self.code = EXIT_CRASH_LOOP
+            self.stop_all(signal.SIGTERM)
+            return
+        delay = self.policy.delay(len(recent))
+        self.due[i] = now + delay
+        log.error("%s %s; restarting it in %.1f s (restart %d of at most %d within %.0f s)", spec.nodename,
+                  _describe(returncode), delay, len(recent), self.policy.max_restarts, self.policy.window_s)
+
+    def run(self, poll_s: float) -> int:
+        for i in range(len(self.specs)):
+            self.start(i)
+        while True:
+            now = time.monotonic()
+            for i in range(len(self.specs)):
+                p = self.procs.get(i)
+                if p is not None and p.poll() is not None:
+                    self.procs[i] = None
+                    self._died(i, p.returncode, now)
+                elif p is None and not self.stopping and now >= self.due.get(i, float("inf")):
+                    self.due.pop(i, None)
+                    self.start(i)
+            if not self.due and all(p is None for p in self.procs.values()):
+                return self.code
+            time.sleep(poll_s)

@@ -2,7 +2,8 @@
 
 JSON lines (``styletag --log-json ...`` or ``STYLETAG_LOG_JSON=1``) put one object per line on stderr:
 ``ts``, ``level``, ``logger``, ``msg`` and, where known, ``run_id``, ``task_id``, ``task``,
-``batch_size``, ``tagged``, ``failed``, ``skipped_newer``, ``redelivered``, ``retries``, ``seconds`` and
+``batch_size``, ``tagged``, ``failed``, ``review``, ``skipped``, ``stale``, ``model_version``, ``redelivered``,
+``retries``, ``seconds`` and
 ``stages`` (seconds per pipeline stage), plus the worker's ``queue`` and ``gpu``. ``--log-json`` also
 sets ``STYLETAG_LOG_JSON=1`` so that the Celery processes the launcher starts log JSON too; inside
 them Celery configures logging and :func:`setup_celery_logger` (connected in ``worker/tasks.py``)
@@ -15,6 +16,7 @@ replaced by ``***`` in the message, the traceback and every extra field, whateve
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -25,11 +27,20 @@ from catalog.errors import ConfigError
 from catalog.settings import LOG_JSON_ENV, env_flag, environment_secrets, export_log_json, process_identity
 
 # Extra fields a record may carry (``log.info(..., extra={...})``) that JSON lines keep as fields.
-FIELDS = ("run_id", "task_id", "task", "batch_size", "tagged", "failed", "skipped_newer", "redelivered", "retries",
-          "seconds", "stages")
+FIELDS = ("run_id", "task_id", "task", "batch_size", "tagged", "failed", "review", "skipped", "stale", "model_version",
+          "redelivered", "retries", "seconds", "stages")
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
+# The scheme part is bounded ({0,31}): with an unbounded ``[a-z0-9+.-]*`` the engine rescanned a long word
+# from every position of it, and scrub() was quadratic (10.9 s for 32k characters, issue 15 item 3). A
+# longer scheme-like word still matches, from its last 32 characters, so the output is the same.
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]{0,31}://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
 _KV_PASSWORD = re.compile(r"(?P<key>\b(?:password|passwd|pwd|secret|token)\s*[=:]\s*)(?P<pw>[^\s&;,'\"]+)", re.I)
+
+# What a log line or an echoed error may hold at most: a message, each extra field, a traceback. Cut
+# after scrubbing, never before (a secret cut in half would no longer be recognised).
+MAX_MESSAGE_CHARS = 2000
+MAX_FIELD_CHARS = 500
+MAX_TRACEBACK_CHARS = 20000
 
 
 def json_enabled() -> bool:
@@ -43,45 +54,66 @@ def _secrets() -> list[str]:
     return environment_secrets()
 
 
+@functools.lru_cache(maxsize=16)
+def _secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern | None:
+    """One alternation of every secret, longest first: one pass over a text, whatever their number."""
+    return re.compile("|".join(map(re.escape, sorted(secrets, key=len, reverse=True)))) if secrets else None
+
+
 def scrub(text: str, secrets: list[str] | None = None) -> str:
-    """``text`` with URL passwords, ``password=...`` values and secret environment values masked."""
+    """``text`` with URL passwords, ``password=...`` values and secret environment values masked.
+    Linear in ``len(text)``: three single passes."""
     if not text:
         return text
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    if "://" in text:
+        text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
     text = _KV_PASSWORD.sub(lambda m: f"{m['key']}***", text)
-    for secret in _secrets() if secrets is None else secrets:
-        if secret in text:
-            text = text.replace(secret, "***")
-    return text
+    pattern = _secrets_pattern(tuple(_secrets() if secrets is None else secrets))
+    return pattern.sub("***", text) if pattern is not None else text
+
+
+def bound(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was (scrub first: see MAX_MESSAGE_CHARS)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown(value, limit: int = 80) -> str:
+    """A value from outside (a message's argument, a command-line argument) as an error message may
+    repeat it: repr, secrets masked, at most ``limit`` characters."""
+    return bound(scrub(repr(value)), limit)
 
 
 def scrub_value(value, secrets: list[str] | None = None):
-    """Scrub strings inside a JSON-ready value (dicts, lists, numbers pass through)."""
+    """Scrub strings inside a JSON-ready value (dicts, lists, numbers pass through), each string bounded
+    to MAX_FIELD_CHARS and each list or dict to its first 100 items."""
     secrets = _secrets() if secrets is None else secrets
     if isinstance(value, str):
-        return scrub(value, secrets)
+        return bound(scrub(value, secrets))
     if isinstance(value, dict):
-        return {scrub(str(k), secrets): scrub_value(v, secrets) for k, v in value.items()}
+        return {bound(scrub(str(k), secrets)): scrub_value(v, secrets) for k, v in list(value.items())[:100]}
     if isinstance(value, list | tuple):
-        return [scrub_value(v, secrets) for v in value]
+        return [scrub_value(v, secrets) for v in value[:100]]
     if value is None or isinstance(value, bool | int | float):
         return value
-    return scrub(str(value), secrets)
+    return bound(scrub(str(value), secrets))
 
 
 class ScrubFilter(logging.Filter):
-    """Masks secrets in the message and in the traceback text before any formatter sees them."""
+    """Masks secrets in the message and in the traceback text before any formatter sees them, then bounds
+    them (MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             msg = record.getMessage()
         except Exception:  # a broken format string: leave it to logging's own error report
             return True
-        clean = scrub(msg)
+        clean = bound(scrub(msg), MAX_MESSAGE_CHARS)
         if clean != msg:
             record.msg, record.args = clean, ()
         if record.exc_info and not record.exc_text:
-            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = bound(scrub(logging.Formatter().formatException(record.exc_info)), MAX_TRACEBACK_CHARS)
         return True
 
 
@@ -109,7 +141,7 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "msg": scrub(record.getMessage(), secrets),
+            "msg": bound(scrub(record.getMessage(), secrets), MAX_MESSAGE_CHARS),
             "pid": record.process,
         }
         for key in FIELDS:
@@ -124,7 +156,7 @@ class JsonFormatter(logging.Formatter):
             out[key] = value
         if record.exc_info or record.exc_text:
             text = record.exc_text or self.formatException(record.exc_info)
-            out["exc"] = scrub(text, secrets)
+            out["exc"] = bound(scrub(text, secrets), MAX_TRACEBACK_CHARS)
         return json.dumps(out, default=str, ensure_ascii=False)
 
 

@@ -12,6 +12,7 @@ becomes full batches and a lone upload is tagged within the flush interval plus 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 from catalog.db import session_scope
@@ -56,4 +57,5 @@ def enqueue_uploads(items: Sequence[str | Mapping], settings: Settings | None = 
 def enqueue_upload_ids(ids: Sequence[int], settings: Settings | None = None) -> None:
     with Sender(settings or Settings.from_env()) as send:
         for pid in ids:
-            send(TAG_UPLOADS, (int(pid),), queue=UPLOADS_QUEUE)
+            # enqueued_at: the worker observes styletag_upload_latency_seconds (enqueue -> tags committed)
+            send(TAG_UPLOADS, (int(pid),), {"enqueued_at": time.time()}, queue=UPLOADS_QUEUE)
