@@ -12,10 +12,11 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from catalog.db import dialect_insert, session_scope
@@ -200,39 +201,62 @@ def upsert_products(
             batch = _read_versions(reader, batch, report, require_images, settings.fetch_threads)
         if batch:
             with session_scope(settings.database_url) as session:
-                upsert_batch(session, batch, report, want_ids=want_ids)
+                upsert_batch(session, batch, report, taxonomy=taxonomy, want_ids=want_ids)
+
+    # One batch is written (HEAD, then its transaction) in a thread while the next is read and checked.
+    writer = ThreadPoolExecutor(1, thread_name_prefix="styletag-upsert")
+    inflight: Future | None = None
+
+    def submit(rows_: list[ProductRow]) -> None:
+        nonlocal inflight
+        if inflight is not None:
+            inflight.result()
+        inflight = writer.submit(write, rows_)
 
     batch: list[ProductRow] = []
     valid: list[ProductRow] = []
     pending = 0
-    for item in rows:
-        report.rows += 1
-        pending += 1
-        row = check(item)
-        if row is not None:
-            (valid if strict else batch).append(row)
-        if len(batch) >= batch_size:
-            write(batch)
-            batch = []
-        if progress is not None and pending >= batch_size:
-            progress(pending)
-            pending = 0
-    if strict:
-        if reader is not None and require_images and not report.rejected:  # an unreadable image is a rejection too
-            valid = [row for i in range(0, len(valid), batch_size)
-                     for row in _read_versions(reader, valid[i : i + batch_size], report, True, settings.fetch_threads)]
-        if report.rejected:
-            report.rejected.sort(key=lambda r: r.line)
-            raise RowsRejected(report.rejected, "nothing was written (strict)")
-        for i in range(0, len(valid), batch_size):
-            write(valid[i : i + batch_size])
-    elif batch:
-        write(batch)
+    try:
+        for item in rows:
+            report.rows += 1
+            pending += 1
+            row = check(item)
+            if row is not None:
+                (valid if strict else batch).append(row)
+            if len(batch) >= batch_size:
+                submit(batch)
+                batch = []
+            if progress is not None and pending >= batch_size:
+                progress(pending)
+                pending = 0
+        if strict:
+            if reader is not None and require_images and not report.rejected:  # unreadable: a rejection too
+                valid = [row for i in range(0, len(valid), batch_size)
+                         for row in _read_versions(reader, valid[i : i + batch_size], report, True,
+                                                   settings.fetch_threads)]
+            if report.rejected:
+                report.rejected.sort(key=lambda r: r.line)
+                raise RowsRejected(report.rejected, "nothing was written (strict)")
+            for i in range(0, len(valid), batch_size):
+                submit(valid[i : i + batch_size])
+        elif batch:
+            submit(batch)
+        if inflight is not None:
+            inflight.result()
+    finally:
+        writer.shutdown(wait=True)  # a batch in flight finishes (its own transaction) before anything is raised
     if progress is not None and pending:
         progress(pending)
     report.rejected.sort(key=lambda r: r.line)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def head_threads(uris: Sequence[str], threads: int) -> int:
+    """Threads for HEADs of ``uris``: the fetch threads for remote stores, which wait on the network; one for
+    local files, where a HEAD is an open and an fstat, Python-bound (measured: 1 thread 3,000-4,700 HEADs/s,
+    16 threads 2,400 on 2 cores)."""
+    return 1 if uris and all(u.startswith("file:") for u in uris) else threads
 
 
 def _read_versions(reader, batch: list[ProductRow], report: UpsertReport, require: bool,
@@ -241,7 +265,8 @@ def _read_versions(reader, batch: list[ProductRow], report: UpsertReport, requir
     todo = [i for i, r in enumerate(batch) if r.image_version is None]
     if not todo:
         return batch
-    infos = reader.head_many([batch[i].image_uri for i in todo], max_workers=threads)
+    uris = [batch[i].image_uri for i in todo]
+    infos = reader.head_many(uris, max_workers=head_threads(uris, threads))
     out = list(batch)
     dropped: set[int] = set()
     for i, info in zip(todo, infos, strict=True):
@@ -259,94 +284,163 @@ def _read_versions(reader, batch: list[ProductRow], report: UpsertReport, requir
 
 
 def upsert_batch(session: Session, rows: Sequence[ProductRow], report: UpsertReport, *,
-                 want_ids: bool = False) -> None:
+                 taxonomy: str | None = None, want_ids: bool = False) -> None:
     """One batch in the caller's transaction: insert new SKUs, update changed ones (un-archiving), replace
-    the truth labels of the levels each row names. Counts into ``report``."""
+    the truth labels (of ``taxonomy``) of the levels each row names. Counts into ``report``. On PostgreSQL
+    one statement per step with array parameters (unnest), as the tag writer does."""
     now = datetime.now(UTC)
+    pg = session.get_bind().dialect.name == "postgresql"
     skus = [r.sku for r in rows]
-    existing = {e.sku: e for e in session.execute(
-        select(_P.c.id, _P.c.sku, _P.c.title, _P.c.image_uri, _P.c.image_version, _P.c.archived_at)
-        .where(_P.c.sku.in_(skus)))}
+    if pg:
+        found = session.execute(_PG_EXISTING, {"skus": skus}).all()
+    else:
+        found = session.execute(select(_P.c.id, _P.c.sku, _P.c.title, _P.c.image_uri, _P.c.image_version,
+                                       _P.c.archived_at).where(_P.c.sku.in_(skus))).all()
+    existing = {e.sku: e for e in found}
     new, changed, back = [], [], []
     for r in rows:
         e = existing.get(r.sku)
         if e is None:
-            new.append({"sku": r.sku, "title": r.title or "", "image_uri": r.image_uri,
-                        "image_version": r.image_version, "created_at": now, "updated_at": now})
+            new.append((r.sku, r.title or "", r.image_uri, r.image_version))
             continue
         title = e.title if r.title is None else r.title
         version = r.image_version if r.image_version is not None or r.image_uri != e.image_uri else e.image_version
         if (title, r.image_uri, version) != (e.title, e.image_uri, e.image_version) or e.archived_at is not None:
-            changed.append({"pid": e.id, "title": title, "uri": r.image_uri, "version": version, "now": now})
+            changed.append((e.id, title, r.image_uri, version))
             if e.archived_at is not None:
                 back.append(e.id)
         else:
             report.unchanged += 1
+    ids = {e.sku: e.id for e in found}
     if new:
-        stmt = dialect_insert(session, _P)
-        # A concurrent writer (an upload) may have inserted one of these meanwhile: then it is updated.
-        stmt = stmt.on_conflict_do_update(index_elements=["sku"], set_={
-            "title": stmt.excluded.title, "image_uri": stmt.excluded.image_uri,
-            "image_version": stmt.excluded.image_version, "updated_at": stmt.excluded.updated_at,
-            "archived_at": None})
-        session.execute(stmt, new)
+        ids.update(_insert_products(session, new, now, pg))
         report.inserted += len(new)
     if changed:
-        session.connection().execute(
-            update(_P).where(_P.c.id == bindparam("pid")).values(
-                title=bindparam("title"), image_uri=bindparam("uri"), image_version=bindparam("version"),
-                updated_at=bindparam("now"), archived_at=None),
-            changed)
+        _update_products(session, changed, now, pg)
         report.updated += len(changed)
     if back:
         republish(session, back)
         report.unarchived += len(back)
-    labelled = [r for r in rows if r.truth]
-    if not (labelled or want_ids or new):
-        return
-    ids = {e.sku: e.id for e in existing.values()}
-    if new:
-        ids.update(session.execute(select(_P.c.sku, _P.c.id).where(_P.c.sku.in_([n["sku"] for n in new]))).all())
     if want_ids:
         report.ids.update({s: ids[s] for s in skus if s in ids})
-    if labelled:
-        _write_truth(session, [(ids[r.sku], r.truth) for r in labelled if r.sku in ids], report, now)
+    labelled = [(ids[r.sku], r.truth) for r in rows if r.truth and r.sku in ids]
+    if labelled and taxonomy is not None:
+        _write_truth(session, labelled, taxonomy, report, now, pg)
 
 
-def _write_truth(session: Session, rows: list[tuple[int, dict[str, tuple[int, ...]]]], report: UpsertReport,
-                 now: datetime) -> None:
+# PostgreSQL: constant statements with array parameters (one round trip per step, prepared once).
+_PG_EXISTING = text(
+    "SELECT p.id, p.sku, p.title, p.image_uri, p.image_version, p.archived_at "
+    "FROM unnest(CAST(:skus AS VARCHAR[])) AS u(sku) JOIN products p ON p.sku = u.sku"
+)
+# A concurrent writer (an upload) may have inserted one of these meanwhile: then it is updated.
+_PG_INSERT = text(
+    "INSERT INTO products (sku, title, image_uri, image_version, created_at, updated_at) "
+    "SELECT u.sku, u.title, u.uri, u.version, :now, :now FROM unnest(CAST(:skus AS VARCHAR[]), "
+    "CAST(:titles AS VARCHAR[]), CAST(:uris AS VARCHAR[]), CAST(:versions AS VARCHAR[])) AS u(sku, title, uri, version) "
+    "ON CONFLICT (sku) DO UPDATE SET title = excluded.title, image_uri = excluded.image_uri, "
+    "image_version = excluded.image_version, updated_at = excluded.updated_at, archived_at = NULL "
+    "RETURNING sku, id"
+)
+_PG_UPDATE = text(
+    "UPDATE products AS p SET title = u.title, image_uri = u.uri, image_version = u.version, updated_at = :now, "
+    "archived_at = NULL FROM unnest(CAST(:ids AS BIGINT[]), CAST(:titles AS VARCHAR[]), CAST(:uris AS VARCHAR[]), "
+    "CAST(:versions AS VARCHAR[])) AS u(id, title, uri, version) WHERE p.id = u.id"
+)
+_PG_TRUTH = text(
+    "SELECT t.product_id, t.label_id, t.source, l.level FROM unnest(CAST(:ids AS BIGINT[])) AS u(id) "
+    "JOIN style_truth t ON t.product_id = u.id JOIN style_labels l ON l.id = t.label_id WHERE l.taxonomy = :tax"
+)
+_PG_TRUTH_ADD = text(
+    "INSERT INTO style_truth (product_id, label_id, source, created_at) SELECT u.p, u.l, 'import', :now "
+    "FROM unnest(CAST(:ps AS BIGINT[]), CAST(:ls AS BIGINT[])) AS u(p, l) ON CONFLICT DO NOTHING"
+)
+_PG_TRUTH_DROP = text(
+    "DELETE FROM style_truth t USING unnest(CAST(:ps AS BIGINT[]), CAST(:ls AS BIGINT[])) AS u(p, l) "
+    "WHERE t.product_id = u.p AND t.label_id = u.l"
+)
+
+
+def _columns(rows: list[tuple]) -> list[list]:
+    return [list(c) for c in zip(*rows, strict=True)]
+
+
+def _ints(values) -> str:
+    """A PostgreSQL array literal of integers: far cheaper than the driver's adaptation of a list."""
+    return "{" + ",".join(map(str, map(int, values))) + "}"
+
+
+def _insert_products(session: Session, new: list[tuple], now: datetime, pg: bool) -> dict[str, int]:
+    if pg:
+        skus, titles, uris, versions = _columns(new)
+        return dict(session.execute(_PG_INSERT, {"skus": skus, "titles": titles, "uris": uris, "versions": versions,
+                                                 "now": now}).all())
+    stmt = dialect_insert(session, _P)
+    stmt = stmt.on_conflict_do_update(index_elements=["sku"], set_={
+        "title": stmt.excluded.title, "image_uri": stmt.excluded.image_uri,
+        "image_version": stmt.excluded.image_version, "updated_at": stmt.excluded.updated_at, "archived_at": None})
+    session.execute(stmt, [{"sku": s, "title": t, "image_uri": u, "image_version": v, "created_at": now,
+                            "updated_at": now} for s, t, u, v in new])
+    return dict(session.execute(select(_P.c.sku, _P.c.id).where(_P.c.sku.in_([n[0] for n in new]))).all())
+
+
+def _update_products(session: Session, changed: list[tuple], now: datetime, pg: bool) -> None:
+    if pg:
+        ids, titles, uris, versions = _columns(changed)
+        session.execute(_PG_UPDATE, {"ids": _ints(ids), "titles": titles, "uris": uris, "versions": versions, "now": now})
+        return
+    session.connection().execute(
+        update(_P).where(_P.c.id == bindparam("pid")).values(
+            title=bindparam("title"), image_uri=bindparam("uri"), image_version=bindparam("version"),
+            updated_at=now, archived_at=None),
+        [{"pid": i, "title": t, "uri": u, "version": v} for i, t, u, v in changed])
+
+
+def _write_truth(session: Session, rows: list[tuple[int, dict[str, tuple[int, ...]]]], taxonomy: str,
+                 report: UpsertReport, now: datetime, pg: bool) -> None:
     """Make each named level's truth labels what the row says. Rows an importer wrote are replaced; a level
     where a person's truth labels are (another source) is left as it is."""
     from catalog.labels import IMPORT_SOURCES
 
     truth = StyleTruth.__table__
-    label_ids = {lid for _, levels in rows for ids in levels.values() for lid in ids}
-    level_of = dict(session.execute(select(StyleLabel.id, StyleLabel.level).where(StyleLabel.id.in_(label_ids))).all())
-    taxonomy = session.scalar(select(StyleLabel.taxonomy).where(StyleLabel.id.in_(label_ids)).limit(1))
+    pids = [pid for pid, _ in rows]
+    if pg:
+        found = session.execute(_PG_TRUTH, {"ids": _ints(pids), "tax": taxonomy}).all()
+    else:
+        found = session.execute(
+            select(truth.c.product_id, truth.c.label_id, truth.c.source, StyleLabel.level)
+            .join(StyleLabel, StyleLabel.id == truth.c.label_id)
+            .where(truth.c.product_id.in_(pids), StyleLabel.taxonomy == taxonomy)).all()
     have: dict[tuple[int, str], dict[int, str]] = {}
-    for pid, lid, source, level in session.execute(
-        select(truth.c.product_id, truth.c.label_id, truth.c.source, StyleLabel.level)
-        .join(StyleLabel, StyleLabel.id == truth.c.label_id)
-        .where(truth.c.product_id.in_([pid for pid, _ in rows]), StyleLabel.taxonomy == taxonomy)
-    ):
+    for pid, lid, source, level in found:
         have.setdefault((pid, level), {})[lid] = source
-    add, drop = [], []
+    add: list[tuple[int, int]] = []
+    drop: list[tuple[int, int]] = []
     for pid, levels in rows:
         for level, ids in levels.items():
             current = have.get((pid, level), {})
             if any(src not in IMPORT_SOURCES for src in current.values()):
                 report.truth_kept += 1
                 continue
-            want = set(ids)
-            drop.extend({"p": pid, "l": lid} for lid in current if lid not in want)
-            add.extend({"product_id": pid, "label_id": lid, "source": "import", "created_at": now}
-                       for lid in ids if lid not in current and level_of.get(lid) == level)
+            drop.extend((pid, lid) for lid in current if lid not in ids)
+            add.extend((pid, lid) for lid in ids if lid not in current)
     if drop:
-        session.connection().execute(
-            delete(truth).where(truth.c.product_id == bindparam("p"), truth.c.label_id == bindparam("l")), drop)
+        if pg:
+            ps, ls = _columns(drop)
+            session.execute(_PG_TRUTH_DROP, {"ps": _ints(ps), "ls": _ints(ls)})
+        else:
+            session.connection().execute(
+                delete(truth).where(truth.c.product_id == bindparam("p"), truth.c.label_id == bindparam("l")),
+                [{"p": p, "l": lid} for p, lid in drop])
         report.truth_removed += len(drop)
     if add:
-        session.execute(dialect_insert(session, truth).on_conflict_do_nothing(), add)
+        if pg:
+            ps, ls = _columns(add)
+            session.execute(_PG_TRUTH_ADD, {"ps": _ints(ps), "ls": _ints(ls), "now": now})
+        else:
+            session.execute(dialect_insert(session, truth).on_conflict_do_nothing(),
+                            [{"product_id": p, "label_id": lid, "source": "import", "created_at": now}
+                             for p, lid in add])
         report.truth_added += len(add)
 
 
@@ -452,7 +546,8 @@ def refresh_image_versions(settings: Settings, *, progress: bool | Callable[[int
         if not rows:
             break
         last = rows[-1].id
-        infos = reader.head_many([r.image_uri for r in rows], max_workers=settings.fetch_threads)
+        uris = [r.image_uri for r in rows]
+        infos = reader.head_many(uris, max_workers=head_threads(uris, settings.fetch_threads))
         changes = []
         for r, info in zip(rows, infos, strict=True):
             if isinstance(info, Exception):
