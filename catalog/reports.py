@@ -1,8 +1,11 @@
 """What a run report shows, read from the catalog: the read model behind ``styletag report RUN``
 (``worker.ops.report`` renders it as one HTML page, or JSON).
 
-The queries aggregate in the database (one row per reason, per label, per written batch), so a report
-of a run over millions of products stays small. :func:`truth_accuracy` is the same yardstick for the demo.
+The counts are the run's own counters (``catalog.runs``: written, held for review, skipped, failed, and the
+failures by reason in ``run_failure_counts``), counted when the run wrote them: exact whatever later runs
+did to the same products. The charts, distributions and examples read the products whose last run this
+one still is. The queries aggregate in the database (one row per reason, per label, per written batch), so a
+report of a run over millions of products stays small. :func:`truth_accuracy` is the same yardstick for the demo.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import aliased
 
 from catalog.db import session_scope
-from catalog.runs import get_run, run_as_dict
+from catalog.review import queue_size
+from catalog.runs import failure_counts, get_run, run_as_dict
 from catalog.schema import LabelParent, ModelVersion, Product, ProductStyle, StyleLabel, StyleTruth, TagState
 
 MAX_BUCKETS = 60
@@ -62,11 +66,11 @@ def collect(database_url: str, run_id: int, *, examples: int = 6, least: int = 2
     with session_scope(database_url) as s:
         run = get_run(s, run_id)
         info = run_as_dict(run)
-        counts = dict(s.execute(select(TagState.status, func.count()).where(in_run).group_by(TagState.status)).all())
         data = ReportData(run=info, taxonomy=s.scalar(select(ModelVersion.taxonomy).where(
             ModelVersion.version == run.model_version)), counts={
-            "total": info["total"], "tagged": counts.get("tagged", 0), "failed": counts.get("failed", 0),
-            "remaining": info["remaining"]})
+            "total": info["total"], "written": info["done"], "tagged": info["done"], "review": info["review"],
+            "skipped": info["skipped"], "failed": info["failed"], "remaining": info["remaining"],
+            "review_queue": queue_size(s)})
 
         # Throughput: a batch's rows share one updated_at, so this is one row per written batch.
         stamps = s.execute(select(TagState.updated_at, TagState.status, func.count()).where(in_run)
@@ -79,13 +83,12 @@ def collect(database_url: str, run_id: int, *, examples: int = 6, least: int = 2
             buckets: dict[int, list[int]] = {}
             for offset, status, n in points:
                 b = buckets.setdefault(int(offset // data.bucket_s), [0, 0])
-                b[0 if status == "tagged" else 1] += n
+                b[1 if status == "failed" else 0] += n
             last = max(buckets)
             data.series = [(i * data.bucket_s, *buckets.get(i, [0, 0])) for i in range(last + 1)]
 
-        # Failures by reason, with the first few SKUs of each.
-        reasons = s.execute(select(TagState.reason, func.count()).where(in_run, TagState.status == "failed")
-                            .group_by(TagState.reason).order_by(func.count().desc())).all()
+        # Failures by reason (as the run counted them), with the first few SKUs of each still failed in it.
+        reasons = list(failure_counts(s, run_id).items())
         rn = func.row_number().over(partition_by=TagState.reason, order_by=TagState.product_id).label("rn")
         ranked = (select(TagState.reason, TagState.error, Product.sku, rn)
                   .join(Product, Product.id == TagState.product_id)
@@ -99,8 +102,9 @@ def collect(database_url: str, run_id: int, *, examples: int = 6, least: int = 2
         # Distribution of primary styles, every label of the taxonomy (zeros included).
         labels = list(s.scalars(select(StyleLabel).where(StyleLabel.taxonomy == data.taxonomy)
                                 .order_by(StyleLabel.level, StyleLabel.position))) if data.taxonomy else []
-        tagged_primary = and_(TagState.product_id == ProductStyle.product_id, in_run, TagState.status == "tagged",
-                              ProductStyle.is_primary)
+        tagged_primary = and_(TagState.product_id == ProductStyle.product_id, in_run,
+                              TagState.status.in_(("tagged", "review")), ProductStyle.is_primary,
+                              ProductStyle.source == "model")
         dist = {lid: (n, mean) for lid, n, mean in s.execute(
             select(ProductStyle.label_id, func.count(), func.avg(ProductStyle.score))
             .join(TagState, tagged_primary).group_by(ProductStyle.label_id))}

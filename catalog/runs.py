@@ -1,6 +1,12 @@
 """Tagging runs: this module is their only owner. Every status change (create, running, done, cancelled,
-the nightly claim) and every counter change (total, done, failed) happens here; nothing else updates
-``tagging_runs``.
+the nightly claim) and every counter change (total, done, failed, skipped, review, and the failures by
+reason in ``run_failure_counts``) happens here; nothing else updates ``tagging_runs``.
+
+Counters: ``done`` = products the run wrote (``review`` of them held for review), ``failed`` = products it
+recorded as failed (``run_failure_counts`` by reason, changed exactly when ``failed`` is), ``skipped`` =
+products of the run not written because they were archived or deleted meanwhile. A run is complete when
+done + failed + skipped reaches its total. A write the tag writer refuses (a superseded or finished run, a
+model that is not active) counts nowhere.
 
 A run is fixed when it starts: ``max_product_id`` bounds it, so products uploaded meanwhile go to the
 uploads path instead of making a nightly run chase a moving target. Which products are still to do
@@ -14,11 +20,21 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import exists, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from catalog.errors import NotFound
-from catalog.schema import RUN_KINDS, RUN_SCOPES, Product, TaggingRun, TagState
+from catalog.db import dialect_insert
+from catalog.errors import NotFound, StyletagError
+from catalog.schema import (
+    RUN_KINDS,
+    RUN_SCOPES,
+    ModelVersion,
+    Product,
+    RunFailureCount,
+    ShadowTag,
+    TaggingRun,
+    TagState,
+)
 
 
 class RunStatus(StrEnum):
@@ -44,7 +60,7 @@ def create_run(session: Session, kind: str, scope: str, model_version: str) -> T
     max_id = session.execute(select(func.max(Product.id))).scalar() or 0
     run = TaggingRun(
         kind=kind, scope=scope, model_version=model_version, status=RunStatus.ENQUEUING.value, total=0, done=0,
-        failed=0, max_product_id=max_id, created_at=datetime.now(UTC),
+        failed=0, skipped=0, review=0, max_product_id=max_id, created_at=datetime.now(UTC),
     )
     session.add(run)
     session.flush()
@@ -65,14 +81,17 @@ def mark_running(session: Session, run_id: int, *, retry_failed: bool = False, t
     they all have been. Its total is recounted as done + failed + what is still to do, so products its
     producer never reached (it died mid-enqueue) are counted too. Writers wait on the run's row lock, so
     nothing is counted twice. ``total`` sets the total outright (a caller that enqueued a known number).
-    Returns how many failed products were detached."""
+    Returns how many failed products were detached. A run superseded by an activation (cancelled, its
+    model no longer active) cannot be resumed: a new run of the active model does its work."""
+    if retry_failed:
+        _check_resumable(session, run_id)
     detached = _detach_failed(session, run_id) if retry_failed else 0
     run = session.get(TaggingRun, run_id, with_for_update=True)
     if run is None:
         raise NotFound(f"no tagging run {run_id}; 'styletag runs' lists them")
     run.failed = run.failed - detached
     if retry_failed:
-        run.total = run.done + run.failed + count_products_to_tag(session, run, include_failed=True)
+        run.total = run.done + run.failed + run.skipped + count_products_to_tag(session, run, include_failed=True)
     elif total is not None:
         run.total = total
     run.status = RunStatus.RUNNING.value
@@ -80,6 +99,19 @@ def mark_running(session: Session, run_id: int, *, retry_failed: bool = False, t
     session.flush()
     finish_if_complete(session, run_id)
     return detached
+
+
+def _check_resumable(session: Session, run_id: int) -> None:
+    run = get_run(session, run_id)
+    if run.kind == "shadow":
+        status = session.scalar(select(ModelVersion.status).where(ModelVersion.version == run.model_version))
+        if status == "retired":
+            raise StyletagError(f"run {run_id} shadows model {run.model_version}, which is retired; not resuming it")
+        return
+    status = session.scalar(select(ModelVersion.status).where(ModelVersion.version == run.model_version))
+    if status != "active":
+        raise StyletagError(f"run {run_id} was superseded: its model {run.model_version} is no longer active; "
+                            "'styletag retag --changed-only' tags what is left with the active model")
 
 
 def _detach_failed(session: Session, run_id: int) -> int:
@@ -91,30 +123,76 @@ def _detach_failed(session: Session, run_id: int) -> int:
         .order_by(Product.id).with_for_update(of=Product)
     ).all()
     table = TagState.__table__
+    reasons = dict(session.execute(
+        select(table.c.reason, func.count()).where(table.c.run_id == run_id, table.c.status == "failed")
+        .group_by(table.c.reason)).all())
     result = session.execute(
         update(table).where(table.c.run_id == run_id, table.c.status == "failed").values(run_id=None)
     )
+    _count_failures(session, run_id, {reason or "error": -n for reason, n in reasons.items()})
     return result.rowcount or 0
 
 
-def count_outcomes(session: Session, run_id: int, *, done: int = 0, failed: int = 0) -> None:
-    """Products of the run that reached a final state in this transaction (the tag writer's counts)."""
-    if done or failed:
-        session.execute(
-            update(_RUNS).where(_RUNS.c.id == run_id).values(done=_RUNS.c.done + done, failed=_RUNS.c.failed + failed)
-        )
+def _count_failures(session: Session, run_id: int, failures: dict[str, int]) -> None:
+    """Add to the run's failures by reason (``run_failure_counts``); rows that reach 0 are removed."""
+    changes = {r: n for r, n in failures.items() if n}
+    if not changes:
+        return
+    table = RunFailureCount.__table__
+    ins = dialect_insert(session, RunFailureCount)
+    session.execute(
+        ins.on_conflict_do_update(index_elements=["run_id", "reason"],
+                                  set_={"count": table.c.count + ins.excluded["count"]}),
+        [{"run_id": run_id, "reason": r, "count": n} for r, n in sorted(changes.items())],
+    )
+    session.execute(table.delete().where(table.c.run_id == run_id, table.c.count == 0))
+
+
+def count_outcomes(session: Session, run_id: int, *, done: int = 0, failed: int = 0, skipped: int = 0,
+                   review: int = 0, failures: dict[str, int] | None = None, model_version: str | None = None) -> bool:
+    """Add a write's outcome to the run's counters (the tag writer's counts). With ``model_version``, only
+    while the run is unfinished and of that model: False when it is not (cancelled, superseded or finished
+    meanwhile; the caller then undoes its write). The update takes the run row's lock, so an activation
+    cancelling the run either waits for this write or is seen by it."""
+    if model_version is None and not (done or failed or skipped or review):
+        return True
+    stmt = update(_RUNS).where(_RUNS.c.id == run_id)
+    if model_version is not None:
+        stmt = stmt.where(_RUNS.c.status.in_(UNFINISHED), _RUNS.c.model_version == model_version)
+    result = session.execute(stmt.values(done=_RUNS.c.done + done, failed=_RUNS.c.failed + failed,
+                                         skipped=_RUNS.c.skipped + skipped, review=_RUNS.c.review + review))
+    if model_version is not None and not result.rowcount:
+        return False
+    _count_failures(session, run_id, failures or {})
+    return True
 
 
 def finish_if_complete(session: Session, run_id: int) -> bool:
-    """Mark a running run done once every product has a final state; True when this call did it
-    (so exactly one worker logs "run finished")."""
+    """Mark a running run done once every product has a final state (written, failed or skipped); True
+    when this call did it (so exactly one worker logs "run finished")."""
     result = session.execute(
         update(_RUNS)
         .where(_RUNS.c.id == run_id, _RUNS.c.status == RunStatus.RUNNING.value,
-               _RUNS.c.done + _RUNS.c.failed >= _RUNS.c.total)
+               _RUNS.c.done + _RUNS.c.failed + _RUNS.c.skipped >= _RUNS.c.total)
         .values(status=RunStatus.DONE.value, finished_at=datetime.now(UTC))
     )
     return bool(result.rowcount)
+
+
+def failure_counts(session: Session, run_id: int) -> dict[str, int]:
+    """The run's failures by reason, as counted (``run_failure_counts``), most first."""
+    rows = session.execute(select(RunFailureCount.reason, RunFailureCount.count)
+                           .where(RunFailureCount.run_id == run_id, RunFailureCount.count > 0)
+                           .order_by(RunFailureCount.count.desc(), RunFailureCount.reason)).all()
+    return {r: int(n) for r, n in rows}
+
+
+def run_model(session: Session, run_id: int) -> tuple[str, str, str] | None:
+    """(model_version, kind, status) of a run, or None when there is no such run: what a worker needs to
+    serve a bulk task with the run's own model."""
+    row = session.execute(select(TaggingRun.model_version, TaggingRun.kind, TaggingRun.status)
+                          .where(TaggingRun.id == run_id)).first()
+    return None if row is None else (row[0], row[1], row[2])
 
 
 def cancel_run(session: Session, run_id: int) -> None:
@@ -161,6 +239,10 @@ def claim_nightly(session: Session, model_version: str, *, stale_after_s: float)
 
 
 def _todo_query(run: TaggingRun, include_failed: bool):
+    if run.kind == "shadow":  # every product without this run's shadow predictions yet
+        done_here = exists().where(ShadowTag.product_id == Product.id, ShadowTag.model_version == run.model_version,
+                                   ShadowTag.run_id == run.id)
+        return select(Product.id).where(Product.id <= run.max_product_id, ~done_here)
     state = TagState
     not_final_here = or_(state.product_id.is_(None), state.run_id.is_distinct_from(run.id))
     if include_failed:
@@ -172,11 +254,12 @@ def _todo_query(run: TaggingRun, include_failed: bool):
     )
     if run.scope == "changed":
         # Changed = never tagged, failed, tagged by another model, or the image changed since
-        # (NULL-safe: a product without an image version is unchanged if none was recorded).
+        # (NULL-safe: a product without an image version is unchanged if none was recorded). A product
+        # held for review is tagged (by its model) as far as runs go.
         query = query.where(
             or_(
                 state.product_id.is_(None),
-                state.status != "tagged",
+                state.status.not_in(("tagged", "review")),
                 state.model_version != run.model_version,
                 state.image_version.is_distinct_from(Product.image_version),
             )
@@ -231,8 +314,10 @@ def _iso(dt: datetime | None) -> str | None:
 
 
 def run_as_dict(run: TaggingRun) -> dict:
-    """JSON-ready view of a run (for ``--json`` output and progress reporting)."""
-    finished = run.done + run.failed
+    """JSON-ready view of a run (for ``--json`` output and progress reporting): ``written`` (= ``done``,
+    the products it wrote), ``review`` (of those, held for review), ``skipped``, ``failed``."""
+    skipped, review = int(run.skipped or 0), int(run.review or 0)
+    finished = run.done + run.failed + skipped
     return {
         "id": run.id,
         "kind": run.kind,
@@ -241,6 +326,9 @@ def run_as_dict(run: TaggingRun) -> dict:
         "status": run.status,
         "total": run.total,
         "done": run.done,
+        "written": run.done,
+        "review": review,
+        "skipped": skipped,
         "failed": run.failed,
         "remaining": max(run.total - finished, 0),
         "progress": round(finished / run.total, 4) if run.total else (1.0 if run.status == "done" else 0.0),

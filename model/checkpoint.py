@@ -2,8 +2,11 @@
 
 The JSON metadata (see ``docs/model.md``): taxonomy (``Taxonomy.to_dict()``), backbone, input_size,
 channels, mean, std, thresholds, model_version, trained_at (ISO-8601 UTC), command, data, metrics, and
-``train`` (epoch/history, for resume). ``model_version`` is the first 16 hex digits of a sha256 over the
-weight tensors in sorted-name order (name, dtype, shape, bytes): a tampered file does not load.
+``train`` (epoch/history, for resume). ``model_version`` (format 2, ``model.metadata.FORMAT``) is the first 16
+hex digits of a sha256 over the weight tensors in sorted-name order (name, dtype, shape, bytes) and over the
+metadata that changes predictions (``model.metadata.prediction_meta``: taxonomy, preprocessing, thresholds,
+temperature, review threshold, ...): a tampered file, weights or metadata, does not load, and a checkpoint
+re-saved with other thresholds is another model. Format 1 (older checkpoints: the weights only) still loads.
 
 Loading never unpickles: safetensors only. Resume state (optimizer moments) goes to a sibling
 ``<name>.optim.safetensors`` file in the same format.
@@ -22,9 +25,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .metadata import META_KEY, REQUIRED, check_header, read_metadata
+from .metadata import FORMAT, META_KEY, REQUIRED, check_header, combine_version, is_legacy, read_metadata
 
-__all__ = ["CheckpointError", "load_checkpoint", "read_metadata", "save_checkpoint", "weights_hash"]
+__all__ = ["CheckpointError", "load_checkpoint", "model_version_of", "read_metadata", "save_checkpoint",
+           "weights_hash"]
 
 
 def tensors_of(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -32,8 +36,8 @@ def tensors_of(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> dic
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def weights_hash(state: dict[str, torch.Tensor]) -> str:
-    """sha256 of the tensors in canonical order; first 16 hex digits."""
+def weights_hash(state: dict[str, torch.Tensor], digits: int = 16) -> str:
+    """sha256 of the tensors in canonical order; first ``digits`` hex digits (the format-1 version)."""
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()
@@ -41,7 +45,15 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
         h.update(str(t.dtype).encode())
         h.update(repr(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:digits]
+
+
+def model_version_of(state: dict[str, torch.Tensor], meta: dict) -> str:
+    """What ``meta["model_version"]`` must be for these weights: format 2 hashes the weights and the
+    prediction metadata, format 1 (legacy) the weights only."""
+    if is_legacy(meta):
+        return weights_hash(state)
+    return combine_version(weights_hash(state, digits=64), meta)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], meta: dict) -> str:
@@ -49,7 +61,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.T
     path = Path(path)
     state = tensors_of(model)
     meta = dict(meta)
-    meta["model_version"] = weights_hash(state)
+    meta["format"] = FORMAT
+    meta["model_version"] = model_version_of(state, meta)
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {', '.join(missing)}")
@@ -62,17 +75,19 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.T
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return (state_dict on CPU, metadata). Verifies the weights hash against ``model_version``."""
+    """Return (state_dict on CPU, metadata). Verifies ``model_version`` against the weights (and, format 2,
+    the prediction metadata)."""
     path = Path(path)
     meta = read_metadata(path)
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
-    got = weights_hash(state)
+    got = model_version_of(state, meta)
     if got != meta["model_version"]:
+        what = "weights hash" if is_legacy(meta) else "hash of weights and metadata"
         raise CheckpointError(
-            f"{path} was modified: weights hash {got} != recorded model_version {meta['model_version']}"
+            f"{path} was modified: {what} {got} != recorded model_version {meta['model_version']}"
         )
     return state, meta
 

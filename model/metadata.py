@@ -7,6 +7,7 @@ gives it types. ``model.checkpoint`` (torch) writes and verifies checkpoints on 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -22,6 +23,36 @@ META_KEY = "styletag"
 REQUIRED = ("taxonomy", "backbone", "input_size", "channels", "mean", "std", "model_version")
 DEFAULT_THRESHOLDS = {"coarse": 0.5, "fine": 0.5}
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Format 2: model_version hashes the weights AND every metadata key that can change a prediction
+# (taxonomy, backbone, preprocessing, input size, channels, mean/std, thresholds, temperature, review
+# threshold, ... : everything except the bookkeeping keys below, so a key added later counts too).
+# Format 1 (older checkpoints): model_version hashes the weights only; still loadable.
+FORMAT = "styletag-checkpoint/2"
+LEGACY_FORMAT = "styletag-checkpoint/1"
+BOOKKEEPING_KEYS = frozenset({
+    "model_version", "format", "trained_at", "command", "metrics", "data", "train", "config", "parent", "notes",
+})
+
+
+def prediction_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The metadata that decides what the model predicts (everything but the bookkeeping keys)."""
+    return {k: v for k, v in meta.items() if k not in BOOKKEEPING_KEYS}
+
+
+def prediction_digest(meta: dict[str, Any]) -> str:
+    """sha256 of :func:`prediction_meta` as canonical JSON (sorted keys, no spaces)."""
+    blob = json.dumps(prediction_meta(meta), sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def combine_version(weights_digest: str, meta: dict[str, Any]) -> str:
+    """The format-2 model_version: first 16 hex digits of sha256(weights digest, prediction digest)."""
+    return hashlib.sha256(f"{weights_digest}:{prediction_digest(meta)}".encode()).hexdigest()[:16]
+
+
+def is_legacy(meta: dict[str, Any]) -> bool:
+    """A format-1 checkpoint: its model_version covers the weights only."""
+    return meta.get("format", LEGACY_FORMAT) != FORMAT
 
 
 def check_header(path: Path) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from catalog.db import session_scope
 from catalog.errors import BadImage, StorageError, TransientStorageError, failure_reason
 from catalog.products import ProductImage, images_for_tagging
-from catalog.runs import finish_if_complete
+from catalog.runs import finish_if_complete, run_model
 from catalog.tags import ProductFailure, ProductTags, Tag, write_batch
 from worker.ops.metrics import observe_batch
 
@@ -53,9 +53,12 @@ class BatchReport:
     size: int
     tagged: int
     failed: int
-    skipped_newer: int
     seconds: dict[str, float]
     failures: list[ProductFailure] = field(default_factory=list)
+    review: int = 0  # of tagged: held for review
+    skipped: int = 0  # archived or deleted since enqueued
+    stale: int = 0  # not written: the model is no longer active, or the run is over (catalog.tags)
+    stale_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -63,7 +66,10 @@ class PipelineReport:
     products: int = 0
     tagged: int = 0
     failed: int = 0
-    skipped_newer: int = 0
+    review: int = 0
+    skipped: int = 0
+    stale: int = 0
+    stale_ids: list[int] = field(default_factory=list)
     batches: int = 0
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("fetch", "decode", "model", "write", "wall"), 0.0)
@@ -75,11 +81,24 @@ class PipelineReport:
         self.products += b.size
         self.tagged += b.tagged
         self.failed += b.failed
-        self.skipped_newer += b.skipped_newer
+        self.review += b.review
+        self.skipped += b.skipped
+        self.stale += b.stale
+        self.stale_ids += b.stale_ids
         self.batches += 1
         self.batch_sizes.append(b.size)
         for k, v in b.seconds.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
+
+
+def _threshold(*values) -> float | None:
+    for v in values:
+        if v is not None:
+            try:
+                return float(v)
+            except (TypeError, ValueError):
+                log.warning("ignoring a review threshold that is not a number: %r", v)
+    return None
 
 
 def chunked(ids: Iterable[int], size: int) -> Iterator[list[int]]:
@@ -95,13 +114,25 @@ def load_items(database_url: str, ids: list[int]) -> list[Item]:
 
 
 class Pipeline:
-    """Runs batches through the stages with bounded look-ahead (memory stays flat whatever the input)."""
+    """Runs batches through the stages with bounded look-ahead (memory stays flat whatever the input).
 
-    def __init__(self, ctx, *, lookahead: int = 2):
+    One model per pipeline: ``model_version`` (a run's model; default the active model of the worker's
+    taxonomy, ``ctx.model``). ``shadow``: predictions go to ``shadow_tags`` only (``catalog.shadow``)."""
+
+    def __init__(self, ctx, *, lookahead: int = 2, model_version: str | None = None, shadow: bool = False):
         self.ctx = ctx
         self.settings = ctx.settings
-        self.predictor = ctx.predictor
-        self.labels = ctx.labels
+        loaded = ctx.model(model_version)
+        self.model_version = loaded.version
+        self.predictor = loaded.predictor
+        self.labels = loaded.labels
+        self.shadow = shadow
+        meta = getattr(self.predictor, "meta", None) or {}
+        # Review rule (catalog.tags): under review_threshold -> low_confidence; under ood_threshold (or a
+        # predictor that flags it) -> out_of_distribution. Without thresholds nothing is held.
+        self.review_threshold = _threshold(getattr(self.predictor, "review_threshold", None),
+                                           meta.get("review_threshold"))
+        self.ood_threshold = _threshold(getattr(self.predictor, "ood_threshold", None), meta.get("ood_threshold"))
         self.reader = ctx.reader
         self.lookahead = lookahead
         self.model_threads = max(1, int(getattr(ctx, "model_threads", 1) or 1))
@@ -112,6 +143,19 @@ class Pipeline:
         self._model_pool: ThreadPoolExecutor | None = None
         # product id -> the version of the image bytes a fetch read (recorded in tag_state.image_version)
         self._versions: dict[int, str] = {}
+
+    @classmethod
+    def for_run(cls, ctx, run_id: int | None, **kwargs) -> Pipeline | None:
+        """The pipeline of a run: its own model (shadow runs write shadow predictions). None when the run
+        is gone or finished: its messages are stale and nothing is to be done."""
+        if run_id is None:
+            return cls(ctx, **kwargs)
+        with session_scope(ctx.settings.database_url) as session:
+            info = run_model(session, run_id)
+        if info is None or info[2] not in ("enqueuing", "running"):
+            return None
+        version, kind, _ = info
+        return cls(ctx, model_version=version, shadow=kind == "shadow", **kwargs)
 
     # -- stages ---------------------------------------------------------------------------------
     def _fetch_decode(self, item: Item) -> tuple[np.ndarray | None, BaseException | None, float, float]:
@@ -192,29 +236,49 @@ class Pipeline:
         for item, pred in zip(prepared.items, preds, strict=True):
             tags = [Tag(coarse_ids[i], float(s), i == pred.primary_coarse) for i, s in pred.coarse_tags]
             tags += [Tag(fine_ids[i], float(s), i == pred.primary_fine) for i, s in pred.fine_tags]
-            tagged.append(ProductTags(item.product_id, item.image_version, tags))
+            confidence, reason = self.review(pred)
+            tagged.append(ProductTags(item.product_id, item.image_version, tags, confidence, reason))
         return tagged, time.perf_counter() - t0
+
+    def review(self, pred) -> tuple[float, str | None]:
+        """(confidence, review reason or None) of one prediction: the predictor's own garment score where
+        it gives one (``review_score``), else the primary fine score (the best consistent pair's
+        probability, ``model.calibration.review_scores`` "msp")."""
+        score = getattr(pred, "review_score", None)
+        confidence = float(score if score is not None else pred.fine_scores[pred.primary_fine])
+        if getattr(pred, "out_of_distribution", False) or (
+                self.ood_threshold is not None and confidence < self.ood_threshold):
+            return confidence, "out_of_distribution"
+        if self.review_threshold is not None and confidence < self.review_threshold:
+            return confidence, "low_confidence"
+        return confidence, None
 
     def write(self, run_id: int | None, prepared: Prepared, tagged: list[ProductTags], model_s: float) -> BatchReport:
         t0 = time.perf_counter()
         with session_scope(self.settings.database_url) as session:
-            outcome = write_batch(
-                session,
-                run_id=run_id,
-                model_version=self.predictor.model_version,
-                tagged=tagged,
-                failed=prepared.failures,
-            )
+            if self.shadow:
+                from catalog.shadow import write_shadow_batch
+
+                outcome = write_shadow_batch(session, run_id=run_id, model_version=self.model_version,
+                                             tagged=tagged, failed=prepared.failures)
+            else:
+                outcome = write_batch(session, run_id=run_id, model_version=self.model_version, tagged=tagged,
+                                      failed=prepared.failures)
             if run_id is not None:
                 finish_if_complete(session, run_id)
         write_s = time.perf_counter() - t0
+        stale_ids = sorted({i.product_id for i in prepared.items} | {f.product_id for f in prepared.failures}) \
+            if outcome.stale else []
         return BatchReport(
             size=len(prepared.items) + len(prepared.failures),
             tagged=outcome.tagged,
             failed=outcome.failed,
-            skipped_newer=outcome.skipped_newer,
             seconds={"fetch": prepared.fetch_s, "decode": prepared.decode_s, "model": model_s, "write": write_s},
-            failures=prepared.failures,
+            failures=prepared.failures if not outcome.stale else [],
+            review=outcome.review,
+            skipped=outcome.skipped,
+            stale=outcome.stale,
+            stale_ids=stale_ids,
         )
 
     # -- driver ---------------------------------------------------------------------------------

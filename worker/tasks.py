@@ -3,11 +3,20 @@
 Tasks take ids and re-read rows, so a redelivered message leaves the same rows (the tag write is an
 idempotent upsert that counts each product once per run). Transient database and storage errors
 retry with exponential backoff; a bad image is recorded as failed and never retried.
+
+Models: a bulk task runs with its run's model (``Pipeline.for_run``: loaded by the registry's path when this
+process does not hold it); a message of a finished or cancelled run is stale and does nothing. Uploads
+are tagged with the active model, looked up at every flush; a batch whose write was refused because an
+activation happened meanwhile is tagged again with the new model. A model that cannot be loaded
+(``ModelUnavailable``) never loses a message: a bulk task is retried until it can (or its run is over), an
+upload is sent again. A worker process checks its model before it consumes anything (``_check_model``):
+without one it exits with :data:`EXIT_NO_MODEL` instead of taking messages it cannot serve.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 from celery import signals
@@ -24,13 +33,15 @@ from worker.app import (
     app,
 )
 from worker.batching import CoalescingBatches
-from worker.context import get_context
+from worker.context import ModelUnavailable, get_context
 from worker.messages import InvalidMessage, enqueued_at, guard_strategy, validate_ids, validate_run_id
 
 log = logging.getLogger("styletag.tasks")
 
 TRANSIENT = (ServiceUnavailable, OperationalError, InterfaceError)
 UPLOAD_MAX_ATTEMPTS = 8
+MODEL_RETRY_MAX_S = 60  # a task waiting for its model to become loadable retries at most this far apart
+EXIT_NO_MODEL = 3  # the worker process's exit code when it has no model to serve
 # Enqueueing 10 million ids takes minutes; the nightly start must not be killed by the 15-minute default.
 NIGHTLY_SOFT_TIME_LIMIT = 4 * 3600
 
@@ -53,17 +64,41 @@ def _early_worker_logs(**_kwargs) -> None:
     setup_early_logging()
 
 
+@signals.worker_init.connect
+def _check_model(sender=None, **_kwargs) -> None:
+    """In the worker's main process, before the pool forks and before anything is consumed: is there a
+    model to serve (the configured checkpoint readable, the registry's active model readable, without
+    torch)? If not, exit (code EXIT_NO_MODEL) with one line saying why: the launcher and the container show
+    it, and no message is taken. (The pool's own load, with torch, is ``_load_model_once``.)"""
+    from catalog.errors import StyletagError
+    from catalog.settings import Settings
+    from worker.context import preflight
+
+    settings = Settings.from_env()
+    try:
+        what = preflight(settings)
+    except StyletagError as exc:
+        log.critical("worker has no model to serve, not consuming: %s", exc.message)
+        print(f"error: worker has no model to serve: {exc.message}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NO_MODEL) from None
+    finally:
+        from catalog.db import engine_for
+
+        engine_for(settings.database_url).dispose()  # no connection of the parent crosses the fork
+    log.info("model check: %s", what)
+
+
 @signals.worker_process_init.connect
 def _load_model_once(**_kwargs) -> None:
-    """Load the model in each pool child after the fork (the parent never touches torch or CUDA)."""
+    """Load the active model in each pool child after the fork (the parent never touches torch or CUDA)."""
     from worker.ops.metrics import start_worker_metrics
 
     ctx = get_context()
     try:
-        _ = ctx.labels
-        start_worker_metrics(ctx.settings, ctx.predictor.model_version, ctx.predictor.backbone)
-    except Exception as exc:  # the task will raise the same error with its context
-        log.error("worker warm-up failed: %s", exc)
+        loaded = ctx.model()
+        start_worker_metrics(ctx.settings, loaded.version, loaded.predictor.backbone)
+    except Exception as exc:  # tasks raise ModelUnavailable and retry; nothing is lost
+        log.error("worker warm-up failed (tasks will retry until the model loads): %s", exc)
 
 
 @app.task(
@@ -91,19 +126,34 @@ def tag_products(self, run_id, product_ids) -> dict:
 
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     t0 = time.perf_counter()
-    report = Pipeline(get_context()).run(run_id, ids)
+    try:
+        pipeline = Pipeline.for_run(get_context(), run_id)
+    except ModelUnavailable as exc:
+        retries = self.request.retries or 0
+        log.error("tag_products run=%s task=%s: %s; retrying", run_id, self.request.id, exc.message,
+                  extra={"run_id": run_id, "task_id": self.request.id, "retries": retries})
+        raise self.retry(exc=exc, countdown=min(MODEL_RETRY_MAX_S, 2 ** min(retries, 6)), max_retries=None) \
+            from None
+    if pipeline is None:  # the run is finished, cancelled (superseded) or gone: nothing to write
+        from worker.pipeline import PipelineReport
+
+        report, version = PipelineReport(stale=len(ids)), "-"
+    else:
+        report, version = pipeline.run(run_id, ids), pipeline.model_version
     elapsed = time.perf_counter() - t0
     log.info(
-        "tag_products run=%s task=%s batch_size=%d tagged=%d failed=%d skipped_newer=%d redelivered=%s "
-        "retries=%d seconds=%.3f stages=%s",
-        run_id, self.request.id, len(ids), report.tagged, report.failed, report.skipped_newer, redelivered,
-        self.request.retries or 0, elapsed, {k: round(v, 3) for k, v in report.seconds.items()},
-        extra={"run_id": run_id, "task_id": self.request.id, "batch_size": len(ids), "tagged": report.tagged,
-               "failed": report.failed, "skipped_newer": report.skipped_newer, "redelivered": redelivered,
+        "tag_products run=%s task=%s model=%s batch_size=%d tagged=%d failed=%d review=%d skipped=%d stale=%d "
+        "redelivered=%s retries=%d seconds=%.3f stages=%s",
+        run_id, self.request.id, version, len(ids), report.tagged, report.failed, report.review,
+        report.skipped, report.stale, redelivered, self.request.retries or 0, elapsed,
+        {k: round(v, 3) for k, v in report.seconds.items()},
+        extra={"run_id": run_id, "task_id": self.request.id, "model_version": version,
+               "batch_size": len(ids), "tagged": report.tagged, "failed": report.failed, "review": report.review,
+               "skipped": report.skipped, "stale": report.stale, "redelivered": redelivered,
                "retries": self.request.retries or 0, "seconds": round(elapsed, 3),
                "stages": {k: round(v, 3) for k, v in report.seconds.items()}},
     )
-    return {"tagged": report.tagged, "failed": report.failed}
+    return {"tagged": report.tagged, "failed": report.failed, "stale": report.stale}
 
 
 @app.task(
@@ -139,18 +189,30 @@ def tag_uploads(requests) -> None:
         return
     t0 = time.perf_counter()
     try:
-        report = Pipeline(get_context()).run(None, ids)
+        pipeline = Pipeline(get_context())  # the active model, looked up now
+        report = pipeline.run(None, ids)
+        if report.stale_ids:  # an activation happened while the batch ran: tag it with the new model
+            again = Pipeline(get_context()).run(None, report.stale_ids)
+            report.tagged, report.failed, report.stale = report.tagged + again.tagged, report.failed + again.failed, \
+                again.stale
     except TRANSIENT as exc:
-        # Re-send each id with a growing delay; the database stays the truth if this is lost too.
+        # Re-send each id with a growing delay; the database stays the truth if this is lost too. A missing
+        # model is waited for without a limit: the upload is never dropped for it.
         from worker.producers.send import TAG_UPLOADS, Sender
 
+        no_model = isinstance(exc, ModelUnavailable)
+        dropped = 0
         with Sender(get_context().settings) as retry:
             for pid in ids:
                 attempt = attempts.get(pid, 0) + 1
-                if attempt <= UPLOAD_MAX_ATTEMPTS:
-                    retry(TAG_UPLOADS, (pid,), {"attempt": attempt, "enqueued_at": enqueued.get(pid)}, countdown=min(60, 2**attempt),
+                if attempt <= UPLOAD_MAX_ATTEMPTS or no_model:
+                    retry(TAG_UPLOADS, (pid,), {"attempt": attempt, "enqueued_at": enqueued.get(pid)}, countdown=min(60, 2 ** min(attempt, 6)),
                           queue=UPLOADS_QUEUE)
-        log.warning("uploads batch of %d will retry: %s", len(ids), str(exc).splitlines()[0][:200])
+                else:
+                    dropped += 1
+        log.warning("uploads batch of %d will retry (%d dropped after %d attempts: untagged, the next "
+                    "'retag --changed-only' tags them): %s", len(ids) - dropped, dropped, UPLOAD_MAX_ATTEMPTS,
+                    str(exc).splitlines()[0][:200])
         return
     elapsed = time.perf_counter() - t0
     from worker.ops.metrics import observe_upload_latency

@@ -19,16 +19,33 @@ class Score(click.FloatRange):
         return number
 
 
-@click.command("tags")
+class _TagsGroup(click.Group):
+    """``tags SKU`` shows a product's tags; ``tags set`` / ``tags clear`` correct them. A first argument that
+    is not a sub-command is a SKU (``tags show SKU`` for a SKU named like a sub-command)."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands:
+            return "show", self.commands["show"], args
+        return super().resolve_command(ctx, args)
+
+
+@click.group("tags", cls=_TagsGroup, invoke_without_command=False,
+             context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+def tags() -> None:
+    """Show a product's tags (tags SKU [--json]), or correct them by hand (tags set / tags clear)."""
+
+
+@tags.command("show")
 @click.argument("sku")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def tags(sku: str, as_json: bool) -> None:
-    """Show the coarse and fine tags of SKU, primary first."""
+def show_tags(sku: str, as_json: bool) -> None:
+    """Show the tags of SKU, primary first: what the storefront shows, then what it hides (held for review,
+    or replaced by a person's tag at that level)."""
     from catalog.db import session_scope
-    from catalog.queries import tags_for_sku
+    from catalog.overrides import product_tags
 
     with session_scope(current_settings().database_url) as session:
-        data = tags_for_sku(session, sku)
+        data = product_tags(session, sku)
     if as_json:
         echo_json(data)
         return
@@ -36,8 +53,50 @@ def tags(sku: str, as_json: bool) -> None:
     if not data["tags"]:
         click.echo("(not tagged yet)")
         return
-    rows = [(t["level"], t["style"], t["score"], "*" if t["is_primary"] else "", t["model_version"]) for t in data["tags"]]
-    click.echo(table(rows, ["level", "style", "score", "primary", "model"]))
+    rows = [(t["level"], t["style"], t["score"], "*" if t["is_primary"] else "", t["source"],
+             "yes" if t["published"] else "no", t["set_by"] or t["model_version"]) for t in data["tags"]]
+    click.echo(table(rows, ["level", "style", "score", "primary", "source", "shown", "model / set by"]))
+
+
+@tags.command("set")
+@click.argument("sku")
+@click.option("--level", type=click.Choice(["coarse", "fine", "colour"]), required=True)
+@click.option("--style", required=True, help="The style name at that level, e.g. jeans.")
+@click.option("--taxonomy", default=None, help="Only needed when several taxonomies have this style.")
+@click.option("--by", default=None, help="Who sets it (default: this OS account).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def set_tags(sku, level, style, taxonomy, by, as_json) -> None:
+    """Set SKU's tag at LEVEL by hand (its parent level follows the taxonomy). No retag, activation,
+    rollback or shadow run ever overwrites it; it becomes a human label for training."""
+    from catalog.db import session_scope
+    from catalog.models import operator
+    from catalog.overrides import set_tag
+
+    with session_scope(current_settings().database_url) as session:
+        out = set_tag(session, sku, level=level, style=style, by=by or operator(), taxonomy=taxonomy)
+    if as_json:
+        echo_json(out)
+        return
+    click.echo(f"{out['sku']}: " + ", ".join(f"{lvl} = {name}" for lvl, name in out["set"]) + f" (by {out['set_by']})"
+               + ("; released from review" if out["resolved_review"] else ""))
+
+
+@tags.command("clear")
+@click.argument("sku")
+@click.option("--level", type=click.Choice(["coarse", "fine", "colour"]), default=None,
+              help="Only this level (default: every level).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def clear_tags_cmd(sku, level, as_json) -> None:
+    """Remove SKU's manual tags: the model's tags are shown again."""
+    from catalog.db import session_scope
+    from catalog.overrides import clear_tags
+
+    with session_scope(current_settings().database_url) as session:
+        out = clear_tags(session, sku, level=level)
+    if as_json:
+        echo_json(out)
+        return
+    click.echo(out.get("message") or f"{out['sku']}: cleared {', '.join(out['cleared'])}")
 
 
 @click.command("find")

@@ -172,14 +172,15 @@ def run_info(url: str, run_id: int) -> dict:
 
 def consistency(conn_or_url, run_id: int) -> dict[str, int]:
     """Invariants that must hold in *every* snapshot, read in one statement (one snapshot):
-    a product tagged in the run has exactly one primary tag per level; no product has tags without a
+    a product tagged in the run shows exactly one primary tag per level (published: a person's tag in place
+    of the model's); no product has tags without a
     tagged state; the run's counters equal its tag_state rows (written in the same transaction)."""
     sql = (
         "SELECT "
         "(SELECT count(*) FROM tag_state t WHERE t.status = 'tagged' AND t.run_id = %(run)s AND "
         "  (SELECT count(*) FILTER (WHERE l.level = 'coarse') * 10 + count(*) FILTER (WHERE l.level = 'fine') "
         "   FROM product_styles s JOIN style_labels l ON l.id = s.label_id "
-        "   WHERE s.product_id = t.product_id AND s.is_primary) <> 11) AS bad_primaries, "
+        "   WHERE s.product_id = t.product_id AND s.is_primary AND s.published) <> 11) AS bad_primaries, "
         "(SELECT count(DISTINCT s.product_id) FROM product_styles s LEFT JOIN tag_state t ON "
         "  t.product_id = s.product_id WHERE t.product_id IS NULL OR t.status <> 'tagged') AS tags_without_state, "
         "(SELECT count(*) FROM tag_state WHERE run_id = %(run)s AND status = 'tagged') AS tagged_rows, "

@@ -3,7 +3,8 @@
 * a redelivered batch of a run writes nothing for products that run already tagged with the same model
   and image (no second upsert: ``attempts`` stays 1, ``tagged_at`` unchanged);
 * a write outside any run (uploads) keeps ``tag_state.run_id``, so a stale redelivery of that run after
-  a newer model's upload neither regresses the tags nor counts the product again;
+  an upload neither regresses the tags nor counts the product again; once another model is activated
+  (the run is superseded), a redelivery of it writes nothing and counts nowhere;
 * ``retag --resume`` (``mark_running(retry_failed=True)``) takes the run's failed products out of its
   ``failed`` counter, so the run is not done until they have been retried, and each counts once.
 """
@@ -19,7 +20,7 @@ from sqlalchemy import insert, select
 from catalog import runs
 from catalog.db import session_scope
 from catalog.labels import sync_labels
-from catalog.models import register_model
+from catalog.models import activate, register_model
 from catalog.runs import create_run, get_run
 from catalog.schema import Product, ProductStyle, TagState
 from catalog.settings import Settings
@@ -40,7 +41,7 @@ def cat(db_url):
         s.execute(insert(Product.__table__), [
             {"sku": f"w{i:03d}", "title": "t", "image_uri": f"file:///img/{i}.png", "image_version": f"v{i}",
              "created_at": now, "updated_at": now} for i in range(6)])
-        for version, year in ((OLD, 2024), (NEW, 2025)):
+        for version, year in ((OLD, 2024), (NEW, 2025)):  # OLD, the first, is active (bootstrap)
             register_model(s, version, datetime(year, 1, 1, tzinfo=UTC), "fashion-mnist", "resnet-small")
         ids = list(s.scalars(select(Product.id).order_by(Product.id)))
     return db_url, ids, labels
@@ -84,7 +85,7 @@ def test_redelivered_batch_of_a_run_is_not_written_again(cat):
     first = _write(url, OLD, batch, run_id=run_id)
     states, stamps = _state(url)
     again = _write(url, OLD, batch, run_id=run_id)
-    assert (first.tagged, again.tagged, again.failed, again.skipped_newer) == (6, 0, 0, 0)
+    assert (first.tagged, again.tagged, again.failed, again.skipped, again.stale) == (6, 0, 0, 0, 0)
     states2, stamps2 = _state(url)
     assert {s.attempts for s in states2.values()} == {1}
     assert stamps2 == stamps and states2 == states
@@ -96,20 +97,28 @@ def test_redelivered_batch_of_a_run_is_not_written_again(cat):
     assert _counters(url, run2)[:2] == (6, 0)
 
 
-def test_stale_redelivery_after_newer_upload_neither_regresses_nor_counts_twice(cat):
+def test_stale_redelivery_after_an_upload_neither_regresses_nor_counts_twice(cat):
     url, ids, labels = cat
     run_id = _run(url, len(ids))
     batch = [_tags(labels, p, 0.6) for p in ids]
     _write(url, OLD, batch, run_id=run_id)  # the redelivered copy, first
-    _write(url, NEW, [_tags(labels, ids[0], 0.8)])  # a newer model's upload: run_id stays
+    _write(url, OLD, [_tags(labels, ids[0], 0.8)])  # an upload (its photo re-read): run_id stays
     states, _ = _state(url)
-    assert (states[ids[0]].run_id, states[ids[0]].model_version) == (run_id, NEW)
+    assert (states[ids[0]].run_id, states[ids[0]].model_version, states[ids[0]].attempts) == (run_id, OLD, 2)
     out = _write(url, OLD, batch, run_id=run_id)  # the stale first delivery
-    assert (out.tagged, out.skipped_newer) == (0, 1)
+    assert (out.tagged, out.stale) == (0, 0)
     assert _counters(url, run_id) == (6, 0, "running")
     with session_scope(url) as s:
         scores = sorted(s.scalars(select(ProductStyle.score).where(ProductStyle.product_id == ids[0])))
     assert scores == pytest.approx([0.7, 0.8])
+    # Another model activated: the run is superseded; a redelivery of it now writes and counts nothing.
+    with session_scope(url) as s:
+        activate(s, NEW, by="test")
+    assert _counters(url, run_id) == (6, 0, "cancelled")
+    before = _state(url)
+    out = _write(url, OLD, [_tags(labels, p, 0.5) for p in ids], run_id=run_id)
+    assert (out.tagged, out.stale) == (0, 6)
+    assert _state(url) == before and _counters(url, run_id) == (6, 0, "cancelled")
 
 
 def test_resume_counts_retried_failures_once_and_keeps_the_run_open(cat):

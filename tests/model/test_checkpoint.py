@@ -1,5 +1,6 @@
 import json
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -132,4 +133,51 @@ def test_predictor_api(tiny, fm_tax):
 def test_metadata_is_json(tiny):
     meta = read_metadata(tiny[2])
     json.dumps(meta)
-    assert meta["format"] == "styletag-checkpoint/1"
+    assert meta["format"] == "styletag-checkpoint/2"
+
+
+def test_version_covers_the_metadata_that_changes_predictions(tiny, tmp_path):
+    """Format 2: the same weights with other thresholds, preprocessing, taxonomy or review threshold are
+    another model; bookkeeping (command, metrics, trained_at) is not part of the version."""
+    model, meta, _, version = tiny
+    changed = {
+        "thresholds": {"coarse": 0.4, "fine": 0.5},
+        "mean": [0.3],
+        "review_threshold": 0.6,
+        "temperature": 1.5,
+        "preprocess": {"fit": "crop"},
+        "taxonomy": {**meta["taxonomy"], "name": "other-name"},
+    }
+    seen = {version}
+    for key, value in changed.items():
+        v = save_checkpoint(tmp_path / f"{key}.safetensors", model, {**meta, key: value})
+        assert v not in seen, key
+        seen.add(v)
+    same = {"command": "x", "metrics": {"fine_top1": 0.9}, "trained_at": "2030-01-01T00:00:00+00:00", "notes": "n"}
+    assert save_checkpoint(tmp_path / "same.safetensors", model, {**meta, **same}) == version
+
+
+def test_tampered_metadata_refused(tiny):
+    """Editing a threshold in the header (and keeping the recorded version) is caught like a weights edit."""
+    _, _, path, version = tiny
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    inner = json.loads(header["__metadata__"]["styletag"])
+    inner["thresholds"] = {"coarse": 0.1, "fine": 0.1}
+    header["__metadata__"]["styletag"] = json.dumps(inner, sort_keys=True)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n:])
+    assert read_metadata(path)["model_version"] == version
+    with pytest.raises(CheckpointError, match=f"hash of weights and metadata .* != recorded model_version {version}"):
+        load_checkpoint(path)
+
+
+def test_format_1_checkpoints_still_load(fm_tax):
+    """The shipped checkpoints were saved before format 2: their version covers the weights only."""
+    from model.metadata import is_legacy
+    from model.weights import DEFAULT_CHECKPOINT
+
+    state, meta = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert is_legacy(meta) and meta["model_version"] == "5186c090c00e9b02"

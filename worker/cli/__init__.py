@@ -30,6 +30,8 @@ COMMANDS = {
     "beat": "worker.cli.services:beat_cmd",
     "metrics": "worker.cli.services:metrics_cmd",
     "report": "worker.ops.report:report_cmd",
+    "model": "worker.cli.models:model",
+    "review": "catalog.cli.review:review",
 }
 
 

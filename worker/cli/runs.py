@@ -33,7 +33,9 @@ RUN_ID = click.IntRange(1, 2**63 - 1)
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON at the end.")
 @click.option("--skip-image-check", is_flag=True,
               help="With --changed-only: trust the catalog's image versions (no HEAD of every image first).")
-def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_image_check) -> None:
+@click.option("--shadow", "shadow", default=None, metavar="VERSION",
+              help="Write registered model VERSION's predictions to the shadow table only (for 'model compare').")
+def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_image_check, shadow) -> None:
     """Tag the catalog: create a run, enqueue its products (or tag them inline)."""
     from catalog.db import session_scope
     from catalog.runs import get_run, run_as_dict
@@ -46,7 +48,7 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_i
     from worker.ops.preflight import preflight
 
     preflight(settings)  # a setting that would fail every product: one line now, no run created
-    if scope == "changed" and resume is None and not skip_image_check:
+    if scope == "changed" and resume is None and not skip_image_check and shadow is None:
         # A photo replaced behind an unchanged URI is a changed product: read every image's version first.
         from worker.producers.retag import check_image_versions
 
@@ -54,7 +56,9 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_i
         click.echo(f"image check: {check.checked} images, {check.changed} changed, {check.unreadable} unreadable "
                    f"in {check.seconds:.1f}s", err=as_json)
     enqueued = False  # a nightly run not tagged inline comes back enqueued already
-    if kind == "nightly" and resume is None:
+    if shadow is not None and resume is None:
+        run_id = _start_shadow(settings, shadow, kind)
+    elif kind == "nightly" and resume is None:
         # The same guard as beat's: never two nightly runs at once (Redis lock + database claim).
         run_id = _start_nightly_from_cli(settings, scope, inline, chunk, as_json)
         enqueued = not inline
@@ -121,9 +125,26 @@ def _start_nightly_from_cli(settings, scope: str, inline: bool, chunk: int, as_j
     return int(claim["created"])
 
 
+def _start_shadow(settings, version: str, kind: str) -> int:
+    """A run of kind ``shadow`` over every product, for a registered model that is not retired."""
+    from catalog.db import session_scope
+    from catalog.errors import StyletagError
+    from catalog.models import get_model
+    from worker.producers.retag import start_run
+
+    if kind == "nightly":
+        raise StyletagError("--shadow runs are manual; drop --kind nightly")
+    with session_scope(settings.database_url) as session:
+        record = get_model(session, version)
+    if record.status == "retired":
+        raise StyletagError(f"model {record.version} is retired; 'styletag model list' shows the registry")
+    return start_run(settings, scope="all", kind="shadow", model_version=record.version)
+
+
 def _run_line(info: dict) -> str:
     return (f"run {info['id']:>5}  {info['kind']:<8} {info['scope']:<8} {info['status']:<9} "
-            f"done {info['done']:>8} failed {info['failed']:>6} total {info['total']:>8}  "
+            f"done {info['done']:>8} (review {info.get('review', 0)}) failed {info['failed']:>6} "
+            f"skipped {info.get('skipped', 0)} total {info['total']:>8}  "
             f"model {info['model_version'][:16]}  started {info['created_at']}")
 
 

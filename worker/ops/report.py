@@ -170,8 +170,10 @@ def render_html(data: ReportData, thumbs: dict[str, str | None]) -> str:
              f"<div class=meta>{_e(run['kind'])} · scope {_e(run['scope'])} · model <code>{_e(run['model_version'])}"
              f"</code> · taxonomy {_e(data.taxonomy or '?')} · started {_e(run['created_at'])} · finished "
              f"{_e(run['finished_at'] or '—')}</div>", '<div class="cards">']
-    parts += [_card("products in the run", f"{c['total']:,}"), _card("tagged", f"{c['tagged']:,}"),
+    parts += [_card("products in the run", f"{c['total']:,}"), _card("written", f"{c['tagged']:,}"),
+              _card("of which held for review", f"{c.get('review', 0):,}"), _card("skipped", f"{c.get('skipped', 0):,}"),
               _card("failed", f"{c['failed']:,}"), _card("remaining", f"{c['remaining']:,}"),
+              _card("review queue now", f"{c.get('review_queue', 0):,}"),
               _card("mean images/s", f"{rate:,.1f}"), _card(f"peak images/s ({data.bucket_s} s)", f"{peak:,.1f}")]
     for level in ("coarse", "fine"):
         if level in data.agreement and data.agreement[level][1]:
@@ -272,7 +274,8 @@ def report_cmd(run_id: int, html_path: str | None, examples: int, as_json: bool)
         click.echo(json.dumps(summary_dict(data), default=str))
     elif not html_path:
         c = data.counts
-        click.echo(f"run {run_id} ({data.run['status']}): {c['tagged']} tagged, {c['failed']} failed of "
-                   f"{c['total']}, {c['remaining']} remaining")
+        click.echo(f"run {run_id} ({data.run['status']}): {c['tagged']} written ({c.get('review', 0)} held for "
+                   f"review), {c.get('skipped', 0)} skipped, {c['failed']} failed of {c['total']}, {c['remaining']} "
+                   f"remaining; review queue {c.get('review_queue', 0)}")
         for f in data.failures:
             click.echo(f"  {f['reason']:<16} {f['count']:>8}  e.g. {', '.join(x['sku'] for x in f['examples'][:3])}")

@@ -22,16 +22,11 @@ DEFAULT_CHUNK = 1024
 
 
 def current_model_version(settings: Settings) -> str:
-    """The model_version of the configured checkpoint, read from its metadata without torch."""
-    from catalog.errors import ConfigError
-    from model.errors import CheckpointError
-    from model.metadata import CheckpointMeta
-    from worker.context import checkpoint_path
+    """The version of the model runs are made with: the registry's active model of the configured
+    checkpoint's taxonomy (an empty registry is bootstrapped with that checkpoint, ``catalog.models``)."""
+    from worker.context import ensure_serving
 
-    try:
-        return CheckpointMeta.read(checkpoint_path(settings)).model_version
-    except CheckpointError as exc:
-        raise ConfigError(f"model {exc}; set STYLETAG_MODEL to a .safetensors checkpoint") from None
+    return ensure_serving(settings).version
 
 
 def check_image_versions(settings: Settings, *, progress: bool = False):
@@ -110,12 +105,14 @@ def run_inline(settings: Settings, run_id: int, *, resume: bool = False, progres
     from worker.pipeline import Pipeline
 
     ctx = get_context(settings)
-    pipeline = Pipeline(ctx)
+    if resume:  # reopens the run first: the pipeline serves unfinished runs only
+        mark_running(settings, run_id, retry_failed=True)
+    pipeline = Pipeline.for_run(ctx, run_id)
+    if pipeline is None:
+        raise StyletagError(f"run {run_id} is finished or cancelled; nothing to tag ('styletag runs {run_id}')")
     bar = _bar(progress, desc=f"run {run_id}", unit="img")
 
     def ids():
-        if resume:
-            mark_running(settings, run_id, retry_failed=True)
         for page in stream_run_ids(settings, run_id, resume=resume):
             if bar is not None:
                 bar.total = (bar.total or 0) + len(page)
