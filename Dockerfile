@@ -8,7 +8,8 @@
 ARG PYTHON_IMAGE=python:3.12-slim
 FROM ${PYTHON_IMAGE}
 
-ARG TORCH_SPEC="torch==2.11.* torchvision==0.26.*"
+# The same versions as `make setup` (Makefile: TORCH); tests/ops/test_compose.py keeps them equal.
+ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
 ARG TORCH_INDEX_URL=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

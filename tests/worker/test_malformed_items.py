@@ -210,6 +210,23 @@ def test_worker_metrics_follow_prometheus_conventions_and_time_uploads(stack):
     assert not {"styletag_queue_depth", "styletag_run_products"} & names  # the exporter's, not a worker's
 
 
+def test_health_checks_ping_the_workers_nodes_and_check_beat(stack, tmp_path):
+    """What docker-compose.yml's health checks run (item 10): the worker's own options plus --health."""
+    ok = run_cli(stack["env"], "worker", "--gpus", "none", "--queues", "uploads,bulk", "--health", timeout=60)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: uploads-cpu@"), (ok.stdout, ok.stderr)
+    missing = run_cli(stack["env"], "worker", "--gpus", "7", "--queues", "bulk", "--health", timeout=60)
+    assert missing.returncode == 1 and "no answer from bulk-gpu7@" in missing.stderr, missing.stderr
+    schedule = tmp_path / "celerybeat-schedule"
+    beat = run_cli(stack["env"], "beat", "--health", "--schedule-file", str(schedule), timeout=60)
+    assert beat.returncode == 1 and "beat has not started" in beat.stderr, beat.stderr
+    schedule.with_suffix(".db").write_bytes(b"")
+    beat = run_cli(stack["env"], "beat", "--health", "--schedule-file", str(schedule), timeout=60)
+    assert beat.returncode == 0 and "broker answers" in beat.stdout, beat.stderr
+    closed = {**stack["env"], "STYLETAG_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    beat = run_cli(closed, "beat", "--health", "--schedule-file", str(schedule), timeout=60)
+    assert beat.returncode == 1 and "unreachable" in beat.stderr, beat.stderr
+
+
 def _child_pid(launcher_pid: int, queue: str) -> int:
     """The launcher's Celery process for ``queue`` (from /proc: its children and their argv)."""
     children = open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split()

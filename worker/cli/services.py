@@ -23,7 +23,9 @@ def _settings() -> Settings:
 @click.option("--bulk-procs", type=int, default=1, show_default=True,
               help="Bulk pool processes per GPU (each loads the model; use spare cores, see docs/operations.md).")
 @click.option("--dry-run", is_flag=True, help="Print the worker processes that would start, as JSON.")
-def worker_cmd(gpus, queues, threads, loglevel, metrics_port, bulk_procs, dry_run) -> None:
+@click.option("--health", is_flag=True,
+              help="Exit 0 when every Celery node these options start answers a ping (a health check).")
+def worker_cmd(gpus, queues, threads, loglevel, metrics_port, bulk_procs, dry_run, health) -> None:
     """Start one Celery worker per GPU and queue group, each pinned with CUDA_VISIBLE_DEVICES."""
     from worker.ops.launcher import build_specs, parse_gpus, parse_queues, run_workers
 
@@ -33,6 +35,15 @@ def worker_cmd(gpus, queues, threads, loglevel, metrics_port, bulk_procs, dry_ru
         click.echo(json.dumps([{"node": s.nodename, "gpu": s.gpu, "queue": s.queue,
                                 "CUDA_VISIBLE_DEVICES": s.env["CUDA_VISIBLE_DEVICES"], "argv": list(s.argv)}
                                for s in specs], indent=2))
+        return
+    if health:
+        from catalog.errors import ServiceUnavailable
+        from worker.ops.launcher import ping_nodes
+
+        if missing := ping_nodes(_settings(), [s.nodename for s in specs]):
+            raise ServiceUnavailable(f"no answer from {', '.join(missing)} (a Celery process that died or is "
+                                     "restarting; see the worker's log)")
+        click.echo(f"ok: {', '.join(s.nodename for s in specs)}")
         return
     _before_start(_settings())
     sys.exit(run_workers(specs))
@@ -59,16 +70,34 @@ def _before_start(settings: Settings) -> None:
 @click.command("beat")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--schedule-file", default=None, help="Where beat keeps its state (default: $STYLETAG_HOME).")
-def beat_cmd(loglevel, schedule_file) -> None:
+@click.option("--health", is_flag=True, help="Exit 0 when beat's schedule file exists and the broker answers.")
+def beat_cmd(loglevel, schedule_file, health) -> None:
     """Run Celery beat: the nightly 'retag --changed-only' at STYLETAG_NIGHTLY_CRON."""
     from worker.app import app
     from worker.ops.beat import configure_beat
 
     settings = _settings()
+    path = schedule_file or str(settings.home / "celerybeat-schedule")
+    if health:
+        _beat_health(settings, path)
+        return
     configure_beat(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
-    path = schedule_file or str(settings.home / "celerybeat-schedule")
     app.Beat(loglevel=loglevel, schedule=path).run()
+
+
+def _beat_health(settings: Settings, path: str) -> None:
+    from pathlib import Path
+
+    from catalog.errors import ServiceUnavailable
+    from worker.app import broker_connection
+
+    schedule = Path(path)
+    if not any(schedule.parent.glob(schedule.name + "*")):  # shelve may add .db / .dat
+        raise ServiceUnavailable(f"beat has not started: no schedule file {path}")
+    with broker_connection(settings, connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=1)
+    click.echo(f"ok: schedule {path}, broker answers")
 
 
 @click.command("metrics")

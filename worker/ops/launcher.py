@@ -229,3 +229,17 @@ class _Supervisor:
             if not self.due and all(p is None for p in self.procs.values()):
                 return self.code
             time.sleep(poll_s)
+
+
+def ping_nodes(settings, nodenames: list[str], timeout: float = 5.0) -> list[str]:
+    """The Celery nodes among ``nodenames`` that did not answer a ping within ``timeout`` (``styletag worker
+    --health``: a container's health check; a consumer that died and is being restarted does not answer)."""
+    from worker.app import make_app
+
+    app = make_app(settings)
+    try:
+        replies = app.control.ping(destination=list(nodenames), timeout=timeout) or []
+    finally:
+        app.close()
+    answered = {name for reply in replies for name in reply}
+    return [n for n in nodenames if n not in answered]
