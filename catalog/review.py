@@ -98,7 +98,10 @@ def accept(session: Session, skus: Sequence[str]) -> dict:
                     select(StyleLabel.level).where(StyleLabel.id.in_(levels))))
                 session.execute(st.delete().where(st.c.product_id == pid, st.c.label_id.in_(same_levels),
                                                   st.c.label_id.not_in(levels)))
-            session.execute(dialect_insert(session, StyleTruth).on_conflict_do_nothing(), truth)
+            ins = dialect_insert(session, StyleTruth)  # a label already known (imported) is now person-confirmed
+            session.execute(ins.on_conflict_do_update(index_elements=["product_id", "label_id"],
+                                                      set_={"source": "review", "created_at": ins.excluded.created_at}),
+                            truth)
         refresh_published(session, sorted(held))
     return {"accepted": [sku_of[p] for p in ids if p in held],
             "not_in_review": [sku_of[p] for p in ids if p not in held]}
