@@ -255,3 +255,72 @@ class RunFailureCount(Base):
     run_id: Mapped[int] = mapped_column(Id, ForeignKey("tagging_runs.id", ondelete="CASCADE"), primary_key=True)
     reason: Mapped[str] = mapped_column(String(32), primary_key=True)
     count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+# --- browse: products counted by their set of published labels (catalog.facets keeps these) ------------
+
+
+class TagSet(Base):
+    """One distinct set of published labels (``key``: the sorted label ids, comma-separated) and how many
+    products carry exactly that set. Facet counts within a selection are sums over the sets that contain
+    every selected label, so they read a few thousand set rows instead of a million product rows."""
+
+    __tablename__ = "tag_sets"
+    __table_args__ = (CheckConstraint("products >= 0", name="products"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(Text, unique=True)
+    products: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class TagSetLabel(Base):
+    """The labels of a set (written once, when the set is first seen; a set never changes its labels)."""
+
+    __tablename__ = "tag_set_labels"
+    __table_args__ = (Index("ix_tag_set_labels_label_id_set_id", "label_id", "set_id"),)
+
+    set_id: Mapped[int] = mapped_column(Id, ForeignKey("tag_sets.id", ondelete="CASCADE"), primary_key=True)
+    label_id: Mapped[int] = mapped_column(Id, ForeignKey("style_labels.id", ondelete="CASCADE"), primary_key=True)
+
+
+class ProductTagSet(Base):
+    """A product's set of published labels and its browse score (``confidence``: the mean score of those
+    tags, rounded to 6 decimals). Only products with at least one published tag have a row."""
+
+    __tablename__ = "product_tag_sets"
+
+    product_id: Mapped[int] = mapped_column(Id, ForeignKey("products.id", ondelete="CASCADE"), primary_key=True)
+    set_id: Mapped[int] = mapped_column(Id, ForeignKey("tag_sets.id", ondelete="RESTRICT"))
+    confidence: Mapped[float] = mapped_column(Float)
+
+
+# Browse walks one of these forwards, keyset on (confidence DESC, product_id): per set (a selection made of
+# few products: one index descent per set), or the whole catalog in score order with the set as a filter
+# read from the index itself (a selection made of many products).
+Index("ix_product_tag_sets_set_id_confidence", ProductTagSet.set_id, ProductTagSet.confidence.desc(),
+      ProductTagSet.product_id)
+Index("ix_product_tag_sets_confidence", ProductTagSet.confidence.desc(), ProductTagSet.product_id,
+      ProductTagSet.set_id)
+
+
+# Label 0 (no label has it) stands for "any product the storefront shows" in label_pairs.
+ALL_PRODUCTS = 0
+# Read-only views over these tables (migration 0003), granted to the storefront role: catalog.browse reads
+# only these, so a storefront connected as that role runs the same queries.
+BROWSE_VIEWS = ("storefront_styles", "storefront_style_pairs", "storefront_tag_sets", "storefront_tag_set_labels",
+                "storefront_products")
+
+
+class LabelPair(Base):
+    """Products carrying both ``label_id`` and ``other_id`` (both orders stored; ``label_id = other_id``:
+    products carrying it; label :data:`ALL_PRODUCTS` is carried by every shown product, so ``(0, x)`` is
+    the whole catalog's facet count of x and ``(0, 0)`` the number of products shown). The facets of a
+    one-style selection are one index range of this table. Labels are never deleted, so there is no
+    foreign key (which would also forbid label 0)."""
+
+    __tablename__ = "label_pairs"
+    __table_args__ = (CheckConstraint("products >= 0", name="products"),)
+
+    label_id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=False)
+    other_id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=False)
+    products: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

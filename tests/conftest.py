@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-TABLES = ("shadow_tags", "run_failure_counts", "product_styles", "style_truth", "tag_state", "tagging_runs", "products",
+TABLES = ("product_tag_sets", "tag_set_labels", "tag_sets", "label_pairs", "shadow_tags", "run_failure_counts",
+          "product_styles", "style_truth", "tag_state", "tagging_runs", "products",
           "label_parents", "style_labels", "models")
 REQUIRE_SERVICES = os.environ.get("STYLETAG_TEST_REQUIRE_SERVICES") == "1"
 

@@ -1,4 +1,4 @@
-"""The storefront's commands: ``tags``, ``find``, ``facets``."""
+"""The storefront's commands: ``tags``, ``find``, ``facets``, ``browse``."""
 
 from __future__ import annotations
 
@@ -126,15 +126,23 @@ def find(style, level, min_score, limit, after, as_json) -> None:
 
 
 @click.command("facets")
-@click.option("--level", type=click.Choice(["coarse", "fine"]), default=None)
+@click.option("--level", type=click.Choice(["coarse", "fine", "colour"]), default=None)
 @click.option("--min-score", type=Score(0, 1), default=0.0, show_default=True)
 @click.option("--all-tags", is_flag=True, help="Count every tag, not only primary ones.")
+@click.option("--within", "within", multiple=True,
+              help="Count within the products showing this style (any level; repeatable: --within tops "
+                   "--within navy), as 'styletag browse' does: fine styles and colours, every shown tag.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def facets(level, min_score, all_tags, as_json) -> None:
-    """Count products per style."""
+def facets(level, min_score, all_tags, within, as_json) -> None:
+    """Count products per style (with --within: within a selection, the counts of 'styletag browse')."""
     from catalog.db import session_scope
     from catalog.queries import facet_counts
 
+    if within:
+        if all_tags:
+            raise click.UsageError("--within counts every shown tag already; leave out --all-tags")
+        _facets_within(within, level, min_score, as_json)
+        return
     with session_scope(current_settings().database_url) as session:
         data = facet_counts(session, level=level, min_score=min_score, primary_only=not all_tags)
     if as_json:
@@ -145,3 +153,62 @@ def facets(level, min_score, all_tags, as_json) -> None:
         return
     click.echo(table([(d["taxonomy"], d["level"], d["style"], d["count"]) for d in data],
                       ["taxonomy", "level", "style", "products"]))
+
+
+def _facets_within(within, level, min_score, as_json) -> None:
+    from catalog.browse import facets_within
+    from catalog.db import session_scope
+
+    with session_scope(current_settings().database_url) as session:
+        data = facets_within(session, list(within), min_score=min_score)
+    if level is not None:
+        data["facets"] = {lvl: items for lvl, items in data["facets"].items() if lvl == level}
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"{data['products']} products show {' + '.join(data['styles'])}")
+    rows = [(f["taxonomy"], lvl, f["style"], f["count"]) for lvl, items in data["facets"].items() for f in items]
+    if rows:
+        click.echo(table(rows, ["taxonomy", "level", "style", "products"]))
+
+
+@click.command("browse")
+@click.option("--style", "styles", multiple=True,
+              help="Narrow to the products showing this style (any level); repeatable: --style tops --style navy.")
+@click.option("--min-score", type=Score(0, 1), default=0.0, show_default=True,
+              help="Lowest browse score (see below) of a listed or counted product.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--after", default=None, help="Cursor from the previous page (next_cursor).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: {styles, min_score, products, facets, items, next_cursor}.")
+def browse(styles, min_score, limit, after, as_json) -> None:
+    """Drill down: the products showing every --style (none: the whole catalog), best browse score first
+    (keyset-paginated), and the counts of the next choice: fine styles and colours within the selection
+    (coarse styles too when nothing is selected).
+
+    \b
+    A product shows a style when it has a published tag of it (primary or secondary): the rows of the
+    storefront_tags view (not archived, not held for review, a person's correction in place of the
+    model's tag). Its browse score is the mean score of all its published tags (every level), rounded to
+    6 decimals: one figure per product, the same whatever is selected. Ties go by product id.
+    """
+    from catalog.browse import browse as run_browse
+    from catalog.db import session_scope
+
+    with session_scope(current_settings().database_url) as session:
+        data = run_browse(session, list(styles), min_score=min_score, limit=limit, after=after)
+    if as_json:
+        echo_json(data)
+        return
+    where = f" show {' + '.join(data['styles'])}" if data["styles"] else " in the catalog"
+    click.echo(f"{data['products']} products{where}")
+    for lvl, items in data["facets"].items():
+        if items:
+            shown = ", ".join(f"{f['style']} {f['count']}" for f in items[:12])
+            more = f", ... ({len(items) - 12} more)" if len(items) > 12 else ""
+            click.echo(f"  {lvl}: {shown}{more}")
+    if not data["items"]:
+        return
+    click.echo(table([(i["sku"], i["score"], i["title"]) for i in data["items"]], ["sku", "score", "title"]))
+    if data["next_cursor"]:
+        click.echo(f"next page: --after {data['next_cursor']}")

@@ -52,7 +52,7 @@ def styletag(capsys):
 def test_upgrade_import_find_tags(env, styletag):
     up = styletag(env, "db", "upgrade")
     assert up.returncode == 0, up.stderr
-    assert styletag(env, "db", "current").stdout.strip() == "0002"
+    assert styletag(env, "db", "current").stdout.strip() == "0003"
     imp = styletag(env, "import", "fashion-mnist", "--split", "test", "--limit", "30", "--json")
     assert imp.returncode == 0, imp.stderr
     assert json.loads(imp.stdout)["inserted"] == 30

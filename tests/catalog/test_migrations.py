@@ -14,10 +14,11 @@ from sqlalchemy import inspect, text
 
 from catalog import migrate
 from catalog.db import make_engine
-from catalog.schema import STOREFRONT_ROLE, STOREFRONT_VIEW, Base
+from catalog.schema import BROWSE_VIEWS, STOREFRONT_ROLE, STOREFRONT_VIEW, Base
 
 TABLES = {"products", "style_labels", "label_parents", "models", "product_styles", "style_truth", "tagging_runs",
-          "tag_state", "shadow_tags", "run_failure_counts"}
+          "tag_state", "shadow_tags", "run_failure_counts", "tag_sets", "tag_set_labels", "product_tag_sets",
+          "label_pairs"}
 
 
 def _drift(url: str) -> list:
@@ -51,11 +52,11 @@ def empty_url(request, tmp_path):
 def test_round_trip_without_drift(empty_url):
     assert migrate.current(empty_url) is None
     migrate.upgrade(empty_url)
-    assert migrate.current(empty_url) == migrate.head() == "0002"
+    assert migrate.current(empty_url) == migrate.head() == "0003"
     assert _drift(empty_url) == []
     tables, views, indexes = _inventory(empty_url)
     assert tables == TABLES
-    assert views == {STOREFRONT_VIEW}
+    assert views == {STOREFRONT_VIEW, *BROWSE_VIEWS}
     assert {"ix_product_styles_storefront", "ix_tag_state_run_id_status", "ix_tagging_runs_kind_status"} <= indexes
 
     migrate.downgrade(empty_url, "base")
@@ -63,7 +64,7 @@ def test_round_trip_without_drift(empty_url):
     assert _inventory(empty_url)[:2] == (set(), set())
 
     migrate.upgrade(empty_url)
-    assert migrate.current(empty_url) == "0002"
+    assert migrate.current(empty_url) == "0003"
     assert _drift(empty_url) == []
 
 
@@ -123,7 +124,7 @@ def test_migrating_user_without_createrole_warns_and_continues(pg_base_url, pg_n
         limited = url.replace("://" + url.split("://", 1)[1].split("@", 1)[0] + "@", f"://{user}@", 1)
         with caplog.at_level(logging.WARNING):
             migrate.upgrade(limited, storefront_role=role)
-        assert migrate.current(limited) == "0002"
+        assert migrate.current(limited) == "0003"
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and role in warnings[0] and "may not create roles" in warnings[0]
         migrate.downgrade(limited, storefront_role=role)

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
-from catalog.schema import STOREFRONT_ROLE, STOREFRONT_VIEW
+from catalog.schema import BROWSE_VIEWS, STOREFRONT_ROLE, STOREFRONT_VIEW
 from tests.conftest import _libpq
 
 
@@ -104,9 +104,9 @@ def test_storefront_role_reads_the_view_and_nothing_else(sec_db, probe):
 
         conn.execute("RESET ROLE")
         privileges = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
-        granted = {(obj, p) for obj in [*tables, STOREFRONT_VIEW] for p in privileges
+        granted = {(obj, p) for obj in [*tables, STOREFRONT_VIEW, *BROWSE_VIEWS] for p in privileges
                    if conn.execute("SELECT has_table_privilege(%s, %s, %s)", (STOREFRONT_ROLE, obj, p)).fetchone()[0]}
-        assert granted == {(STOREFRONT_VIEW, "SELECT")}
+        assert granted == {(view, "SELECT") for view in (STOREFRONT_VIEW, *BROWSE_VIEWS)}  # browse: migration 0003
         assert _counts(conn, tables) == before  # nothing was written, whatever the errors said
         assert conn.execute("SELECT rolcanlogin, rolsuper, rolcreaterole, rolcreatedb FROM pg_roles "
                             "WHERE rolname = %s", (STOREFRONT_ROLE,)).fetchone() == (False, False, False, False)

@@ -20,6 +20,7 @@ COMMANDS = {
     "tags": "catalog.cli.storefront:tags",
     "find": "catalog.cli.storefront:find",
     "facets": "catalog.cli.storefront:facets",
+    "browse": "catalog.cli.storefront:browse",
     "train": "model.cli:train",
     "eval": "model.cli:eval_cmd",
     "worker": "worker.cli.services:worker_cmd",
