@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.chaos.conftest import (
+from tests.support.chaos import (
     BATCH,
     Progress,
     assert_run_exact,
@@ -19,7 +19,7 @@ from tests.chaos.conftest import (
     retag,
     settled_task_lines,
 )
-from tests.worker.conftest import wait_until
+from tests.support.worker import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 

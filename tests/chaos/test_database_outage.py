@@ -14,7 +14,8 @@ import time
 import psycopg
 import pytest
 
-from tests.chaos.conftest import (
+from tests.conftest import _libpq
+from tests.support.chaos import (
     BATCH,
     Progress,
     assert_consistent,
@@ -23,7 +24,6 @@ from tests.chaos.conftest import (
     consistency,
     retag,
 )
-from tests.conftest import _libpq
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -20,7 +20,8 @@ from sqlalchemy import text
 
 from catalog.db import engine_for, session_scope
 from catalog.overrides import set_tag
-from tests.chaos.conftest import (
+from tests.hooks import slow_first_delivery_env
+from tests.support.chaos import (
     Progress,
     assert_consistent,
     assert_same_tags,
@@ -31,8 +32,7 @@ from tests.chaos.conftest import (
     tags_by_sku,
     task_lines,
 )
-from tests.hooks import slow_first_delivery_env
-from tests.worker.conftest import wait_until
+from tests.support.worker import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from catalog.db import engine_for
 from catalog.storage import S3Store, open_store
-from tests.chaos.conftest import (
+from tests.support.chaos import (
     BATCH,
     Progress,
     assert_consistent,

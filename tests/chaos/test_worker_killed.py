@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import text
 
 from catalog.db import engine_for
-from tests.chaos.conftest import (
+from tests.support.chaos import (
     BATCH,
     CATALOG_N,
     Progress,
@@ -26,7 +26,7 @@ from tests.chaos.conftest import (
     retag,
     settled_task_lines,
 )
-from tests.worker.conftest import wait_until
+from tests.support.worker import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import time
 import uuid
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-import redis
 
 from catalog.settings import Settings
-from tests.conftest import free_port, truncate_all
+from tests.conftest import truncate_all
 from tests.ops.test_smoke import (
     BIN,
     Proc,
@@ -32,6 +30,7 @@ from tests.ops.test_smoke import (
     wait_run_done,
     worker_ready,
 )
+from tests.support.redis_server import RedisServer
 from worker.ops.logs import JsonFormatter, ScrubFilter, configure_logging, scrub
 
 N_GOOD = 40
@@ -143,27 +142,10 @@ def test_log_json_flag_reaches_child_processes(monkeypatch):
 
 @pytest.fixture
 def private_redis(tmp_path):
-    """A password-protected redis-server of our own on a free loopback port."""
-    password = "rpw-" + uuid.uuid4().hex
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://:{password}@127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.skip("redis-server could not be started")
-            time.sleep(0.05)
-    yield url, password
-    proc.terminate()
-    proc.wait(10)
+    """A password-protected redis-server of our own on a free loopback port: (URL, password)."""
+    server = RedisServer(tmp_path, password="rpw-" + uuid.uuid4().hex).start()
+    yield server.url, server.password
+    server.stop()
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import pytest
 from catalog.errors import ConfigError
 from catalog.settings import Settings, redact_url
 from tests.conftest import free_port
+from tests.support.redis_server import RedisServer
 
 MASTER = "styletag-test"
 REDIS_PW = "redis-pw-4c1d"
@@ -123,13 +124,11 @@ def sentinel(tmp_path_factory):
     if exe is None:
         pytest.skip("redis-server not installed (needed for a real Sentinel)")
     folder = tmp_path_factory.mktemp("sentinel")
-    rport, sport, dead = free_port(), free_port(), free_port()
-    master = _start([exe, "--port", str(rport), "--bind", "127.0.0.1", "--requirepass", REDIS_PW,
-                     "--save", "", "--appendonly", "no", "--dir", str(folder)], folder / "redis.log")
-    procs = [master]
-    client = redis.Redis(host="127.0.0.1", port=rport, password=REDIS_PW, db=DB)
+    master = RedisServer(folder, password=REDIS_PW, db=DB).start()
+    rport, sport, dead = master.port, free_port(), free_port()
+    procs = []
+    client = master.client()
     try:
-        _wait(client.ping, master, "redis-server", folder / "redis.log")
         conf = folder / "sentinel.conf"  # Sentinel rewrites its own configuration file: it must be writable
         conf.write_text(
             f"port {sport}\nbind 127.0.0.1\ndir {folder}\n"
@@ -155,6 +154,7 @@ def sentinel(tmp_path_factory):
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        master.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from tests.conftest import free_port
-from tests.security.conftest import (
+from tests.support.security import (
     BROKER_PASSWORD,
     DB_PASSWORD,
     assert_one_error_line,

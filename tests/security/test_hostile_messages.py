@@ -18,8 +18,8 @@ from sqlalchemy import func, select
 
 from catalog.db import session_scope
 from catalog.schema import Product, ProductStyle, TaggingRun, TagState
-from tests.security.conftest import _png
-from tests.worker.conftest import wait_until
+from tests.support.security import _png
+from tests.support.worker import wait_until
 
 
 class _Boom:

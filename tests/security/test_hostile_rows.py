@@ -21,7 +21,7 @@ from catalog.db import session_scope
 from catalog.errors import ForbiddenURI
 from catalog.schema import Product
 from catalog.storage import ImageReader
-from tests.security.conftest import HOSTILE_SKUS, assert_one_error_line, styletag
+from tests.support.security import HOSTILE_SKUS, assert_one_error_line, styletag
 
 WHY = {  # what tag_state.error says, per hostile URI
     "uri/etc-passwd": "outside the allowed prefixes",

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tests.security.conftest import MAX_IMAGE_BYTES, WORKER_PEAK_BOUND_KIB, vm_hwm_kib
 from tests.security.corpus import BOMB_SIDE, corpus, exif_rotated_jpeg, png_bomb
+from tests.support.security import MAX_IMAGE_BYTES, WORKER_PEAK_BOUND_KIB, vm_hwm_kib
 from worker.decode import DecodeError, decode_image
 
 MAX_PIXELS = 40_000_000  # the default STYLETAG_MAX_IMAGE_PIXELS
@@ -70,7 +70,7 @@ def test_pixel_limit_is_our_own_and_declared():
 # and the parent here is a pytest process with torch loaded.
 BOMB_PROBE = """
 import json
-from tests.security.conftest import vm_hwm_kib
+from tests.support.security import vm_hwm_kib
 from tests.security.corpus import corpus, png_bomb
 from worker.decode import DecodeError, decode_image
 samples = {s.name: s.data for s in corpus(200_000)}

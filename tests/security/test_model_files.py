@@ -10,7 +10,7 @@ from __future__ import annotations
 import pickle
 import struct
 
-from tests.security.conftest import assert_one_error_line, catalog_taxonomy, styletag, tiny_checkpoint
+from tests.support.security import assert_one_error_line, catalog_taxonomy, styletag, tiny_checkpoint
 
 
 class _Boom:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from catalog.db import session_scope
 from catalog.schema import TaggingRun, TagState
 from tests.conftest import free_port
-from tests.security.conftest import (
+from tests.support.security import (
     AWS_SECRET,
     BROKER_PASSWORD,
     CAPTURED,

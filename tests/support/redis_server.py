@@ -9,10 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import redis
 
-from tests.conftest import free_port
+from tests.conftest import _unavailable, free_port
 
 
 class RedisServer:
@@ -21,7 +20,7 @@ class RedisServer:
 
     def __init__(self, workdir: Path, password: str | None = None, db: int = 0):
         if shutil.which("redis-server") is None:
-            pytest.skip("redis-server binary not installed")
+            _unavailable("redis-server binary not installed")
         self.port = free_port()
         self.workdir = Path(workdir)
         self.password = password
@@ -47,7 +46,7 @@ class RedisServer:
         while not self._ping(client):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                pytest.skip(f"redis-server could not be started on port {self.port}")
+                _unavailable(f"redis-server could not be started on port {self.port}")
             time.sleep(0.05)
         return self
 

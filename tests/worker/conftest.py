@@ -15,7 +15,10 @@ N_PRODUCTS = 500
 
 
 from tests.conftest import truncate_all  # noqa: E402,F401 - one truncate for every test package
-from tests.support.worker import WorkerProcess, run_cli, wait_until  # noqa: E402,F401 - importers of this conftest
+
+# WorkerProcess, run_cli and wait_until live in tests/support/worker.py; re-exported for the test modules of
+# other areas that still import them from here (test_lifecycle_worker.py, test_uploads_intake.py).
+from tests.support.worker import WorkerProcess, run_cli, wait_until  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from sqlalchemy import func, select, text
 from catalog.db import session_scope
 from catalog.schema import Product, ProductStyle, StyleLabel, TaggingRun, TagState
 from catalog.settings import Settings
-from tests.worker.conftest import N_PRODUCTS, run_cli, wait_until
+from tests.support.worker import run_cli, wait_until
+from tests.worker.conftest import N_PRODUCTS
 
 pytestmark = pytest.mark.slow
 
