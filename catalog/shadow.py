@@ -24,7 +24,7 @@ from catalog.errors import FAILURE_REASONS
 from catalog.models import get_model
 from catalog.runs import count_outcomes
 from catalog.schema import Product, ProductStyle, ShadowTag, StyleLabel, StyleTruth
-from catalog.tags import ProductFailure, ProductTags, WriteOutcome, _score, accepts
+from catalog.tags import ProductFailure, ProductTags, StaleWrite, WriteOutcome, _score, accepts
 
 
 def write_shadow_batch(session: Session, *, run_id: int, model_version: str, tagged: list[ProductTags],
@@ -66,7 +66,6 @@ def write_shadow_batch(session: Session, *, run_id: int, model_version: str, tag
         rows += [{"model_version": model_version, "product_id": pid, "label_id": t.label_id,
                   "score": _score(t.score, pid), "is_primary": bool(t.is_primary), "run_id": run_id, "tagged_at": now}
                  for t in per_label.values()]
-    nested = session.begin_nested()
     if rewrite:
         session.execute(delete(ShadowTag).where(ShadowTag.model_version == model_version,
                                                 ShadowTag.product_id.in_(rewrite)))
@@ -74,9 +73,7 @@ def write_shadow_batch(session: Session, *, run_id: int, model_version: str, tag
         session.execute(dialect_insert(session, ShadowTag).on_conflict_do_nothing(), rows)
     if not count_outcomes(session, run_id, done=done, failed=failed_n, skipped=skipped, failures=dict(failures),
                           model_version=model_version):
-        nested.rollback()
-        return WriteOutcome(stale=len(ids))
-    nested.commit()
+        raise StaleWrite(run_id, len(ids))  # finished or cancelled meanwhile: the caller rolls back
     return WriteOutcome(tagged=len(rewrite), failed=sum(isinstance(by_id[p], ProductFailure) for p in present),
                         skipped=len(ids) - len(present))
 

@@ -29,7 +29,7 @@ from catalog.db import session_scope
 from catalog.errors import BadImage, StorageError, TransientStorageError, failure_reason
 from catalog.products import ProductImage, images_for_tagging
 from catalog.runs import finish_if_complete, run_model
-from catalog.tags import ProductFailure, ProductTags, Tag, write_batch
+from catalog.tags import ProductFailure, ProductTags, StaleWrite, Tag, WriteOutcome, write_batch
 from worker.ops.metrics import observe_batch
 
 log = logging.getLogger("styletag.pipeline")
@@ -255,17 +255,20 @@ class Pipeline:
 
     def write(self, run_id: int | None, prepared: Prepared, tagged: list[ProductTags], model_s: float) -> BatchReport:
         t0 = time.perf_counter()
-        with session_scope(self.settings.database_url) as session:
-            if self.shadow:
-                from catalog.shadow import write_shadow_batch
+        try:
+            with session_scope(self.settings.database_url) as session:
+                if self.shadow:
+                    from catalog.shadow import write_shadow_batch
 
-                outcome = write_shadow_batch(session, run_id=run_id, model_version=self.model_version,
-                                             tagged=tagged, failed=prepared.failures)
-            else:
-                outcome = write_batch(session, run_id=run_id, model_version=self.model_version, tagged=tagged,
-                                      failed=prepared.failures)
-            if run_id is not None:
-                finish_if_complete(session, run_id)
+                    outcome = write_shadow_batch(session, run_id=run_id, model_version=self.model_version,
+                                                 tagged=tagged, failed=prepared.failures)
+                else:
+                    outcome = write_batch(session, run_id=run_id, model_version=self.model_version, tagged=tagged,
+                                          failed=prepared.failures)
+                if run_id is not None:
+                    finish_if_complete(session, run_id)
+        except StaleWrite as exc:  # rolled back: the run was superseded or finished while this batch was written
+            outcome = WriteOutcome(stale=exc.products)
         write_s = time.perf_counter() - t0
         stale_ids = sorted({i.product_id for i in prepared.items} | {f.product_id for f in prepared.failures}) \
             if outcome.stale else []

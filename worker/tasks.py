@@ -78,7 +78,7 @@ def _check_model(sender=None, **_kwargs) -> None:
     try:
         what = preflight(settings)
     except StyletagError as exc:
-        log.critical("worker has no model to serve, not consuming: %s", exc.message)
+        # Celery has not set up logging yet: one plain line on stderr, what the launcher and the container show.
         print(f"error: worker has no model to serve: {exc.message}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NO_MODEL) from None
     finally:

@@ -397,3 +397,25 @@ def test_run_rows_have_the_new_counters(cat):
         run = create_run(s, "manual", "all", A)
         assert (run.skipped, run.review) == (0, 0)
         assert s.get(TaggingRun, run.id).kind == "manual"
+
+
+def test_a_run_cancelled_while_its_batch_is_written_gets_nothing(cat, monkeypatch):
+    """The writer checks the run twice: before writing (no lock) and when it counts (the run row's lock).
+    An activation that cancelled the run in between is seen by the second check: the write raises and the
+    caller's rollback leaves nothing behind."""
+    import catalog.tags
+    from catalog.runs import cancel_run
+    from catalog.tags import StaleWrite
+
+    url, ids = cat.url, cat.ids
+    run_id = new_run(url, A, len(ids))
+    with session_scope(url) as s:
+        cancel_run(s, run_id)
+    monkeypatch.setattr(catalog.tags, "accepts", lambda *a, **k: True)  # the first check saw it still running
+    with pytest.raises(StaleWrite, match=f"run {run_id} was cancelled or finished"):
+        write(url, A, [pred(cat, p) for p in ids], [ProductFailure(ids[0], "v", "missing", "x")], run_id=run_id)
+    with session_scope(url) as s:
+        assert s.scalar(select(func.count()).select_from(TagState)) == 0
+        assert s.scalar(select(func.count()).select_from(ProductStyle)) == 0
+        assert failure_counts(s, run_id) == {}
+    assert run_dict(url, run_id)["written"] == 0

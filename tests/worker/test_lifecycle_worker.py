@@ -401,12 +401,16 @@ def test_a_worker_without_its_model_consumes_nothing_and_loses_nothing(pg_new_da
             line = next(ln for ln in w.text().splitlines() if ln.startswith("error: worker has no model to serve"))
             assert str(missing.name if step.startswith("configured") else "model.safetensors") in line, line
             assert " ready." not in w.text()  # it never said it was ready
+            assert "exited with status 3; restarting it" in w.text()  # the launcher shows it, and backs off
+            exits = w.text().count("exited with status 3")
             restore()
             wait_until(lambda p=pid: p in {row[0] for row in tagged()}, timeout=180, interval=0.3)
             assert (pid, "tagged", want_version) in tagged(), step
             assert r.llen("uploads") == 0
-            print(f"\n{step}: exited {w.text().count('worker has no model to serve')} time(s) before the model "
-                  "was there; the upload waited in the queue and was tagged after")
+            assert w.text().count(" ready.") == 1 and w.text().count("error: worker has no model to serve") == exits
+            print(f"\n{step}: the worker process exited {exits} time(s) with status 3 before the model was there "
+                  f"(queue 1 message, 0 unacked, 0 tag_state rows of the product meanwhile); then 1 ready, the upload "
+                  f"tagged with {want_version}")
         finally:
             w.stop()
     server.kill()
