@@ -122,10 +122,12 @@ class Pipeline:
     def __init__(self, ctx, *, lookahead: int = 2, model_version: str | None = None, shadow: bool = False):
         self.ctx = ctx
         self.settings = ctx.settings
-        loaded = ctx.model(model_version)
-        self.model_version = loaded.version
-        self.predictor = loaded.predictor
-        self.labels = loaded.labels
+        if hasattr(ctx, "model"):
+            loaded = ctx.model(model_version)
+            self.model_version, self.predictor, self.labels = loaded.version, loaded.predictor, loaded.labels
+        else:  # a bare context (benches, tests): its one predictor and labels
+            self.predictor, self.labels = ctx.predictor, ctx.labels
+            self.model_version = model_version or getattr(self.predictor, "model_version", None)
         self.shadow = shadow
         meta = getattr(self.predictor, "meta", None) or {}
         # Review rule (catalog.tags): under review_threshold -> low_confidence; under ood_threshold (or a

@@ -1,8 +1,9 @@
 """Issue 6, item 13: model files load without unpickling, and a tampered checkpoint is refused.
 
 The loader itself is covered in tests/model/test_checkpoint.py (test_pickle_files_refused,
-test_tampered_weights_refused); here the same files go through the real CLI (``styletag retag --inline``
-with STYLETAG_MODEL pointing at them): one error line, and a pickle's payload never runs.
+test_tampered_weights_refused); here the same files go through the real CLI (``styletag model register``
+for the tampered one, ``styletag retag --inline`` with STYLETAG_MODEL pointing at the pickle): one error
+line, and a pickle's payload never runs.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ def test_tampered_checkpoint_refused_by_its_hash(sec, tmp_path):
     assert len(blob) - data_start > 1000
     blob[data_start + (len(blob) - data_start) // 2] ^= 0x01  # one bit in the middle of the tensor data
     path.write_bytes(bytes(blob))
-    proc = styletag({**sec.env, "STYLETAG_MODEL": str(path)}, "retag", "--all", "--inline")
+    # A checkpoint enters service through the registry ('model register' verifies it before recording it);
+    # STYLETAG_MODEL only bootstraps an empty registry, and this package's catalog already has a model.
+    proc = styletag(sec.env, "model", "register", str(path))
     assert_one_error_line(proc, "was modified", f"recorded model_version {version}")
+    listed = styletag(sec.env, "model", "list", "--json")
+    assert listed.returncode == 0 and version not in listed.stdout  # nothing was registered
 
 
 def test_pickle_checkpoint_never_unpickled(sec, tmp_path):
