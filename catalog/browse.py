@@ -80,15 +80,15 @@ def _selection(groups: tuple[int, ...]) -> str:
     """CTEs ``sel`` (the ids of the sets holding every selected style) and ``ss`` (those with products)."""
     if not groups:
         sel = "sel AS (SELECT set_id FROM storefront_tag_sets WHERE products > 0)"
-    else:
-        if all(k == 1 for k in groups):
-            having = "count(*)"
-        else:  # a name of several labels (several taxonomies): any of them
-            cases = " ".join(f"WHEN label_id IN ({', '.join(f':l{i}_{j}' for j in range(k))}) THEN {i}"
-                             for i, k in enumerate(groups))
-            having = f"count(DISTINCT CASE {cases} END)"
+    elif all(k == 1 for k in groups):  # one label a name: the sorted set lists of the labels, merge-joined
+        joins = " ".join(f"JOIN storefront_tag_set_labels x{i} ON x{i}.set_id = x0.set_id AND x{i}.label_id = :l{i}_0"
+                         for i in range(1, len(groups)))
+        sel = f"sel AS (SELECT x0.set_id FROM storefront_tag_set_labels x0 {joins} WHERE x0.label_id = :l0_0)"
+    else:  # a name of several labels (several taxonomies): any of them
+        cases = " ".join(f"WHEN label_id IN ({', '.join(f':l{i}_{j}' for j in range(k))}) THEN {i}"
+                         for i, k in enumerate(groups))
         sel = (f"sel AS (SELECT set_id FROM storefront_tag_set_labels WHERE label_id IN ({_ids(groups)}) "
-               f"GROUP BY set_id HAVING {having} = {len(groups)})")
+               f"GROUP BY set_id HAVING count(DISTINCT CASE {cases} END) = {len(groups)})")
     # a set whose products all moved away keeps its labels: products > 0 leaves it out
     return (f"{sel}, ss AS (SELECT t.set_id, t.products FROM sel JOIN storefront_tag_sets t ON t.set_id = sel.set_id "
             "WHERE t.products > 0)")

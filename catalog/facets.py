@@ -34,7 +34,8 @@ from sqlalchemy.orm import Session
 from catalog.db import dialect_insert
 from catalog.schema import ALL_PRODUCTS, LabelPair, Product, ProductStyle, ProductTagSet, TagSet, TagSetLabel
 
-CHUNK = 1000
+CHUNK = 1000  # ids per statement on SQLite (bound variables); PostgreSQL passes one array per PG_CHUNK
+PG_CHUNK = 20_000
 DECIMALS = 6
 
 
@@ -74,6 +75,9 @@ _PG_SETS_BY_KEY = text("SELECT t.id, t.key, t.products FROM unnest(CAST(:keys AS
 # in key order, so that two writers creating the same new sets wait for each other in the same order
 _PG_NEW_SETS = text("INSERT INTO tag_sets (key, products) SELECT u.key, 0 FROM unnest(CAST(:keys AS TEXT[])) "
                     "AS u(key) ORDER BY u.key ON CONFLICT (key) DO NOTHING RETURNING id, key")
+_PG_NEW_LINKS = text("INSERT INTO tag_set_labels (set_id, label_id) SELECT u.sid, u.lid "
+                     "FROM unnest(CAST(:sids AS BIGINT[]), CAST(:lids AS BIGINT[])) AS u(sid, lid) "
+                     "ON CONFLICT DO NOTHING")
 _PG_UPSERT_MEMBERS = text(
     "INSERT INTO product_tag_sets (product_id, set_id, confidence) SELECT u.pid, u.sid, u.conf "
     "FROM unnest(CAST(:pids AS BIGINT[]), CAST(:sids AS BIGINT[]), CAST(:confs AS DOUBLE PRECISION[])) "
@@ -109,7 +113,7 @@ def resync_tag_sets(session: Session, product_ids: Iterable[int]) -> int:
     pg = session.get_bind().dialect.name == "postgresql"
     tags: dict[int, list[tuple[int, float]]] = defaultdict(list)
     members: dict[int, tuple[int, float, str]] = {}
-    for chunk in _chunks(ids):
+    for chunk in _chunks(ids, PG_CHUNK if pg else CHUNK):
         if pg:
             session.execute(_PG_LOCK, {"ids": _pg_array(chunk)})
             published = session.execute(_PG_PUBLISHED, {"ids": _pg_array(chunk)})
@@ -154,7 +158,7 @@ def resync_tag_sets(session: Session, product_ids: Iterable[int]) -> int:
     set_ids.update({key: sid for sid, _, key in members.values()})
     if wanted:
         rows = [(pid, set_ids[key], conf) for pid, (key, conf) in sorted(wanted.items())]
-        for chunk in _chunks(rows):
+        for chunk in _chunks(rows, PG_CHUNK if pg else CHUNK):
             if pg:
                 pids, sids, confs = zip(*chunk, strict=True)
                 session.execute(_PG_UPSERT_MEMBERS, {"pids": _pg_array(pids), "sids": _pg_array(sids),
@@ -165,7 +169,7 @@ def resync_tag_sets(session: Session, product_ids: Iterable[int]) -> int:
                     index_elements=["product_id"],
                     set_={"set_id": ins.excluded.set_id, "confidence": ins.excluded.confidence}),
                     [{"product_id": p, "set_id": s, "confidence": c} for p, s, c in chunk])
-    for chunk in _chunks(gone):
+    for chunk in _chunks(gone, PG_CHUNK if pg else CHUNK):
         if pg:
             session.execute(_PG_DELETE_MEMBERS, {"ids": _pg_array(chunk)})
         else:
@@ -188,7 +192,7 @@ def _set_ids(session: Session, keys: list[str], pg: bool, retry: bool = True) ->
     # An empty set's labels are written again (no-ops, but a label removed by 'taxonomy apply' took its rows
     # with it, and SQLite may give a new label the removed one's id).
     created: dict[str, int] = {}
-    for chunk in _chunks(keys):
+    for chunk in _chunks(keys, PG_CHUNK if pg else CHUNK):
         if pg:
             rows = session.execute(_PG_SETS_BY_KEY, {"keys": list(chunk)})
         else:
@@ -198,7 +202,7 @@ def _set_ids(session: Session, keys: list[str], pg: bool, retry: bool = True) ->
             if not n:
                 created[k] = i
     missing = [k for k in keys if k not in found]
-    for chunk in _chunks(missing):
+    for chunk in _chunks(missing, PG_CHUNK if pg else CHUNK):
         if pg:
             created.update({k: i for i, k in session.execute(_PG_NEW_SETS, {"keys": list(chunk)})})
         else:
@@ -207,9 +211,14 @@ def _set_ids(session: Session, keys: list[str], pg: bool, retry: bool = True) ->
                                     .on_conflict_do_nothing().returning(TagSet.id)).scalar()
                 if i is not None:
                     created[k] = i
-    links = [{"set_id": i, "label_id": lid} for k, i in sorted(created.items()) for lid in key_labels(k)]
-    for chunk in _chunks(links):
-        session.execute(dialect_insert(session, TagSetLabel).on_conflict_do_nothing(), list(chunk))
+    links = [(i, lid) for k, i in sorted(created.items()) for lid in key_labels(k)]
+    for chunk in _chunks(links, PG_CHUNK if pg else CHUNK):
+        if pg:
+            sids, lids = zip(*chunk, strict=True)
+            session.execute(_PG_NEW_LINKS, {"sids": _pg_array(sids), "lids": _pg_array(lids)})
+        else:
+            session.execute(dialect_insert(session, TagSetLabel).on_conflict_do_nothing(),
+                            [{"set_id": i, "label_id": lid} for i, lid in chunk])
     found.update(created)
     still = [k for k in missing if k not in found]  # created meanwhile by a writer we waited for
     if still and retry:
