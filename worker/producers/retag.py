@@ -39,8 +39,14 @@ def check_image_versions(settings: Settings, *, progress: bool = False):
 
 
 def start_run(settings: Settings, *, scope: str, kind: str = "manual", model_version: str | None = None) -> int:
-    version = model_version or current_model_version(settings)
+    """A new run of the active model (or of ``model_version``, e.g. a shadow run's). An empty registry is
+    bootstrapped first either way, so a caller naming the configured checkpoint's version finds it registered."""
+    version = current_model_version(settings)
+    version = model_version or version
     with session_scope(settings.database_url) as session:
+        from catalog.models import get_model
+
+        version = get_model(session, version).version  # an unknown version: one NotFound line, no run
         return runs.create_run(session, kind=kind, scope=scope, model_version=version).id
 
 
