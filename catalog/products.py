@@ -31,7 +31,8 @@ from catalog.product_rows import (
     sku_of,
     validate_row,
 )
-from catalog.schema import Product, ProductStyle, StyleLabel, StyleTruth
+from catalog.publishing import refresh_published
+from catalog.schema import Product, StyleLabel, StyleTruth
 from catalog.settings import Settings
 
 __all__ = [
@@ -446,32 +447,19 @@ def _write_truth(session: Session, rows: list[tuple[int, dict[str, tuple[int, ..
 
 def republish(session: Session, product_ids: Sequence[int]) -> None:
     """Un-archived products: their tags are shown again, as the publishing rule says."""
-    try:
-        from catalog.publishing import refresh_published  # the model-lifecycle work's rule
-    except ImportError:
-        refresh_published = None
-    if refresh_published is not None:
-        refresh_published(session, list(product_ids))
-        return
-    styles = ProductStyle.__table__
-    for i in range(0, len(product_ids), SKU_CHUNK):
-        chunk = list(product_ids[i : i + SKU_CHUNK])
-        session.execute(update(styles).where(styles.c.product_id.in_(chunk), styles.c.source == "model")
-                        .values(published=True))
+    refresh_published(session, list(product_ids))
 
 
 def archive_ids(session: Session, product_ids: Sequence[int]) -> int:
     """Archive products in the caller's transaction: kept with their tags and history, hidden from the
     storefront (their tags unpublished), skipped by retags. Returns how many were not archived yet."""
     now = datetime.now(UTC)
-    styles = ProductStyle.__table__
     n = 0
     for i in range(0, len(product_ids), SKU_CHUNK):
         chunk = list(product_ids[i : i + SKU_CHUNK])
         n += session.execute(update(_P).where(_P.c.id.in_(chunk), _P.c.archived_at.is_(None))
                              .values(archived_at=now, updated_at=now)).rowcount or 0
-        session.execute(update(styles).where(styles.c.product_id.in_(chunk), styles.c.published)
-                        .values(published=False))
+    refresh_published(session, list(product_ids))  # the one rule; also keeps the facet counts exact
     return n
 
 

@@ -69,10 +69,8 @@ def refresh_published(session: Session, product_ids: Iterable[int]) -> int:
 
 def published_changed(session: Session, product_ids: Iterable[int]) -> None:
     """The published rows of ``product_ids`` may have changed: bring what is derived from them up to date
-    (``catalog.facets.resync_tag_sets``, when that module is installed). Called last, in the caller's
-    transaction (it takes the counter locks)."""
-    try:
-        from catalog.facets import resync_tag_sets
-    except ImportError:  # no derived read model in this installation
-        return
+    (``catalog.facets.resync_tag_sets``). Called last, in the caller's transaction (it takes the counter
+    locks)."""
+    from catalog.facets import resync_tag_sets
+
     resync_tag_sets(session, product_ids)

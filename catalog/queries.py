@@ -41,7 +41,7 @@ def _iso(dt: datetime | None) -> str | None:
 
 def _check_level(level: str | None) -> None:
     if level is not None and level not in LEVELS:
-        raise StyletagError(f"unknown level {level!r}; use coarse or fine")
+        raise StyletagError(f"unknown level {str(level)[:40]!r}; use {', '.join(LEVELS)}")
 
 
 Reader = Session | Connection
@@ -55,13 +55,14 @@ _TAGS_OF_PRODUCT = (
         ProductStyle.model_version, ProductStyle.tagged_at,
     )
     .join(StyleLabel, StyleLabel.id == ProductStyle.label_id)
-    .where(ProductStyle.product_id == bindparam("pid"))
+    .where(ProductStyle.product_id == bindparam("pid"), ProductStyle.published)
     .order_by(ProductStyle.is_primary.desc(), ProductStyle.score.desc(), StyleLabel.level, StyleLabel.name)
 )
 
 
 def tags_for_sku(session: Reader, sku: str) -> dict:
-    """A product and its tags, primary first, then by score; NotFound for an unknown SKU."""
+    """A product and the tags the storefront shows, primary first, then by score; NotFound for an unknown
+    SKU. (``catalog.overrides.product_tags`` also lists the hidden ones, for operators.)"""
     product = session.execute(_PRODUCT_BY_SKU, {"sku": sku}).first()
     if product is None:
         raise NotFound(f"no product with SKU {sku[:80]!r}")
@@ -138,9 +139,11 @@ _FIND_COLUMNS = select(
     ProductStyle.tagged_at, Product.sku, Product.title, Product.image_uri, StyleLabel.level, StyleLabel.name,
 ).join(Product, Product.id == ProductStyle.product_id).join(StyleLabel, StyleLabel.id == ProductStyle.label_id)
 _FIND_ORDER = (ProductStyle.score.desc(), ProductStyle.product_id)
-# The common case, one label and no cursor, as one prebuilt statement.
+# The common case, one label and no cursor, as one prebuilt statement. ``published`` in every query: what
+# the storefront may show (catalog.publishing), and the condition of the partial storefront index.
 _FIND_FIRST_PAGE = (
-    _FIND_COLUMNS.where(ProductStyle.label_id == bindparam("lid"), ProductStyle.score >= bindparam("min_score"))
+    _FIND_COLUMNS.where(ProductStyle.label_id == bindparam("lid"), ProductStyle.published,
+                        ProductStyle.score >= bindparam("min_score"))
     .order_by(*_FIND_ORDER)
     .limit(bindparam("lim"))
 )
@@ -183,7 +186,7 @@ def _find_rows(session: Reader, label_ids: tuple[int, ...], min_score: float, li
                cursor: tuple[float, int] | None) -> list:
     if len(label_ids) == 1 and cursor is None:
         return session.execute(_FIND_FIRST_PAGE, {"lid": label_ids[0], "min_score": min_score, "lim": limit + 1}).all()
-    query = _FIND_COLUMNS.where(ProductStyle.score >= min_score)
+    query = _FIND_COLUMNS.where(ProductStyle.published, ProductStyle.score >= min_score)
     if len(label_ids) == 1:
         query = query.where(ProductStyle.label_id == label_ids[0])
     else:  # the same name in several taxonomies or levels
@@ -204,7 +207,7 @@ def facet_counts(
 ) -> list[dict]:
     """Products per style (every known style, zero counts included), coarse before fine."""
     _check_level(level)
-    on = [ProductStyle.label_id == StyleLabel.id, ProductStyle.score >= min_score]
+    on = [ProductStyle.label_id == StyleLabel.id, ProductStyle.published, ProductStyle.score >= min_score]
     if primary_only:
         on.append(ProductStyle.is_primary.is_(True))
     query = (

@@ -115,8 +115,6 @@ def test_counts_stay_exact_after_every_write(shop):
     _exact(url)
 
 
-@pytest.mark.xfail(strict=True, reason="catalog.products.archive_ids unpublishes tags without calling "
-                   "catalog.publishing.published_changed (or refresh_published): the counts keep archived products")
 def test_counts_stay_exact_after_archive_and_return(shop):
     from catalog.products import archive_ids, republish
 

@@ -139,3 +139,40 @@ def test_a_stale_cached_label_id_is_never_answered(tagged):
             q._label_cache[key] = wrong
             assert find_by_style(s, "sneaker", level="fine", limit=1000) == want
             assert q._label_cache[key] == (cat.labels.fine_ids[7],)
+
+
+def test_storefront_queries_show_published_tags_only(tagged):
+    """An archived product and a product held for review vanish from find, tags and facets (as from the
+    storefront view); un-archived, the product is back."""
+    from sqlalchemy import text
+
+    from catalog.products import archive_ids, republish
+    from catalog.publishing import refresh_published
+
+    cat, batch = tagged
+    archived, held = batch[0].product_id, batch[1].product_id
+
+    def shoes_count(s) -> int:
+        return next(f["count"] for f in facet_counts(s, level="coarse") if f["style"] == "shoes")
+
+    def found(s) -> set[int]:
+        items, _ = find_by_style(s, "shoes", level="coarse", limit=1000)
+        return {i["product_id"] for i in items}
+
+    with session_scope(cat.url) as s:
+        assert {archived, held} <= found(s) and shoes_count(s) == len(batch)
+        archive_ids(s, [archived])
+        s.execute(text("UPDATE tag_state SET status = 'review' WHERE product_id = :p"), {"p": held})
+        refresh_published(s, [held])
+    with session_scope(cat.url) as s:
+        assert archived not in found(s) and held not in found(s)
+        assert shoes_count(s) == len(batch) - 2
+        view = s.execute(text("SELECT count(DISTINCT product_id) FROM storefront_tags WHERE style = 'shoes'")).scalar()
+        assert view == len(batch) - 2
+        hidden_sku = s.execute(text("SELECT sku FROM products WHERE id = :p"), {"p": held}).scalar()
+        assert tags_for_sku(s, hidden_sku)["tags"] == []
+        republish_ids = [archived]
+        s.execute(text("UPDATE products SET archived_at = NULL WHERE id = :p"), {"p": archived})
+        republish(s, republish_ids)
+    with session_scope(cat.url) as s:
+        assert archived in found(s) and shoes_count(s) == len(batch) - 1
