@@ -31,7 +31,7 @@ class OverrideError(StyletagError):
 def _product(session: Session, sku: str) -> Product:
     product = session.scalars(select(Product).where(Product.sku == sku).with_for_update()).first()
     if product is None:
-        raise NotFound(f"no product with SKU {sku!r}")
+        raise NotFound(f"no product with SKU {sku[:80]!r}")
     return product
 
 
@@ -49,9 +49,9 @@ def _taxonomy_for(session: Session, product_id: int, level: str, style: str | No
     if len(known) == 1:
         return known[0]
     if not known:
-        what = f"{level} style {style!r}" if style else f"{level} styles"
+        what = f"{level} style {style[:80]!r}" if style else f"{level} styles"
         raise NotFound(f"no {what} in any taxonomy; 'styletag facets' lists the styles")
-    raise OverrideError(f"several taxonomies have {level} style {style!r} ({', '.join(sorted(known))}); "
+    raise OverrideError(f"several taxonomies have {level} style {style[:80]!r} ({', '.join(sorted(known))}); "
                         "say which with --taxonomy")
 
 
@@ -61,7 +61,8 @@ def _label(session: Session, taxonomy: str, level: str, name: str) -> int:
     if label_id is None:
         names = session.scalars(select(StyleLabel.name).where(StyleLabel.taxonomy == taxonomy, StyleLabel.level == level)
                                 .order_by(StyleLabel.position)).all()
-        raise NotFound(f"no {level} style {name!r} in taxonomy {taxonomy!r}; choose one of {', '.join(names)}")
+        raise NotFound(f"no {level} style {name[:80]!r} in taxonomy {taxonomy[:64]!r}; "
+                       f"choose one of {', '.join(names)[:300]}")
     return label_id
 
 
@@ -176,7 +177,7 @@ def product_tags(session: Session, sku: str) -> dict:
     product = session.execute(select(Product.id, Product.sku, Product.title, Product.image_uri)
                               .where(Product.sku == sku)).first()
     if product is None:
-        raise NotFound(f"no product with SKU {sku!r}")
+        raise NotFound(f"no product with SKU {sku[:80]!r}")
     rows = session.execute(
         select(StyleLabel.level, StyleLabel.name, ProductStyle.score, ProductStyle.is_primary,
                ProductStyle.model_version, ProductStyle.tagged_at, ProductStyle.source, ProductStyle.published,

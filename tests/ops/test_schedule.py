@@ -30,14 +30,19 @@ from worker.ops.beat import ENTRY, TASK, beat_schedule, configure_beat, parse_cr
 from worker.producers.nightly import LOCK_KEY, LOCK_SECONDS, claim_nightly, start_nightly
 
 N_PRODUCTS = 30
+_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010800000000"
+                     "3a7e9b550000000a49444154789c6360000000020001e221bc330000000049454e44ae426082")
 
 
 @pytest.fixture
-def nightly(pg_url):
+def nightly(pg_url, tmp_path):
     truncate_all(pg_url)
+    images = tmp_path / "images"  # real files: retag's preflight reads a few (STYLETAG_HOME=tmp_path)
+    images.mkdir()
     with session_scope(pg_url) as s:
-        s.add_all([Product(sku=f"n-{i}", title="x", image_uri=f"file:///srv/img/{i}.png", image_version="v1")
-                   for i in range(N_PRODUCTS)])
+        for i in range(N_PRODUCTS):
+            (images / f"{i}.png").write_bytes(_PNG)
+            s.add(Product(sku=f"n-{i}", title="x", image_uri=(images / f"{i}.png").as_uri(), image_version="v1"))
     broker = redis.Redis.from_url(BROKER_URL)
     broker.flushdb()
     settings = replace(Settings.from_env(), database_url=pg_url, broker_url=BROKER_URL)

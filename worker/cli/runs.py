@@ -111,7 +111,7 @@ def _start_nightly_from_cli(settings, scope: str, inline: bool, chunk: int, as_j
         claim = claim_nightly(settings, current_model_version(settings))
         busy = claim.get("busy")
     else:
-        out = start_nightly(settings, chunk=chunk, report_skip=False)
+        out = start_nightly(settings, chunk=chunk, report_skip=False, check_images=False)
         if out["started"]:
             click.echo(f"run {out['run_id']}: enqueued {out['enqueued']} products", err=as_json)
             return int(out["run_id"])

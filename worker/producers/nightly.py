@@ -69,10 +69,13 @@ def _refresh(lock, run_id_box: list[int]):
     return refresh
 
 
-def start_nightly(settings: Settings, *, redis_client=None, chunk: int = 1024, report_skip: bool = True) -> dict:
+def start_nightly(settings: Settings, *, redis_client=None, chunk: int = 1024, report_skip: bool = True,
+                  check_images: bool = True) -> dict:
     """Create and enqueue a nightly ``--changed-only`` run unless one is still going. Everything goes
     to ``settings``' broker and database (not to whatever the process's Celery app was built with).
-    ``report_skip=False``: a skipped start is only returned, not logged (the CLI says it itself)."""
+    ``report_skip=False``: a skipped start is only returned, not logged (the CLI says it itself).
+    ``check_images``: first read every image's version, so a photo replaced behind an unchanged URI is
+    retagged (the CLI does that itself before it gets here)."""
     from redis.exceptions import LockError
 
     from worker.producers.retag import current_model_version, enqueue_run
@@ -100,6 +103,12 @@ def start_nightly(settings: Settings, *, redis_client=None, chunk: int = 1024, r
                 )
                 return {"started": False, "reason": "still_running", "run_id": busy["id"], "run": busy}
             run_id = claim["created"]
+            if check_images:
+                from worker.producers.retag import check_image_versions
+
+                check = check_image_versions(settings)
+                log.info("nightly run %d: image check: %d images, %d changed, %d unreadable", run_id,
+                         check.checked, check.changed, check.unreadable, extra={"run_id": run_id})
             with Sender(settings, before_send=_refresh(lock, [run_id])) as send:
                 sent = enqueue_run(settings, run_id, chunk=chunk, send=send)
             log.info("nightly retag run %d enqueued %d products", run_id, sent, extra={"run_id": run_id})

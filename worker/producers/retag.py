@@ -80,6 +80,9 @@ def enqueue_run(
 ) -> int:
     """Send the run's ids to the ``bulk`` queue in chunks; returns how many ids were sent. ``send`` is a
     :class:`~worker.producers.send.Sender` already open (the nightly producer's, which refreshes its lock)."""
+    if not 1 <= chunk <= settings.max_ids_per_task:
+        raise StyletagError(f"chunk must be between 1 and {settings.max_ids_per_task} product ids "
+                            f"(STYLETAG_MAX_IDS_PER_TASK), got {chunk}")
     if send is None:
         with Sender(settings) as sender:
             return enqueue_run(settings, run_id, resume=resume, chunk=chunk, send=sender, progress=progress)
