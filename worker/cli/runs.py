@@ -48,7 +48,7 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_i
     from worker.ops.preflight import preflight
 
     preflight(settings)  # a setting that would fail every product: one line now, no run created
-    if scope == "changed" and resume is None and not skip_image_check and shadow is None:
+    if scope == "changed" and resume is None and not skip_image_check and shadow is None and kind != "nightly":
         # A photo replaced behind an unchanged URI is a changed product: read every image's version first.
         from worker.producers.retag import check_image_versions
 
@@ -60,7 +60,7 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_i
         run_id = _start_shadow(settings, shadow, kind)
     elif kind == "nightly" and resume is None:
         # The same guard as beat's: never two nightly runs at once (Redis lock + database claim).
-        run_id = _start_nightly_from_cli(settings, scope, inline, chunk, as_json)
+        run_id = _start_nightly_from_cli(settings, scope, inline, chunk, as_json, skip_image_check)
         enqueued = not inline
     else:
         run_id = resume if resume is not None else start_run(settings, scope=scope, kind=kind)
@@ -98,7 +98,8 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_i
                             f"'styletag report {run_id}' shows why")
 
 
-def _start_nightly_from_cli(settings, scope: str, inline: bool, chunk: int, as_json: bool) -> int:
+def _start_nightly_from_cli(settings, scope: str, inline: bool, chunk: int, as_json: bool,
+                            skip_image_check: bool) -> int:
     """``retag --kind nightly``: through beat's guard, so a manual nightly never doubles a running one.
     Returns the new run's id (enqueued already unless ``inline``); a nightly still going is an error."""
     from catalog.errors import StyletagError
@@ -110,8 +111,12 @@ def _start_nightly_from_cli(settings, scope: str, inline: bool, chunk: int, as_j
     if inline:
         claim = claim_nightly(settings, current_model_version(settings))
         busy = claim.get("busy")
+        if busy is None and not skip_image_check:  # after the claim: a refused start reads no image
+            from worker.producers.retag import check_image_versions
+
+            check_image_versions(settings)
     else:
-        out = start_nightly(settings, chunk=chunk, report_skip=False, check_images=False)
+        out = start_nightly(settings, chunk=chunk, report_skip=False, check_images=not skip_image_check)
         if out["started"]:
             click.echo(f"run {out['run_id']}: enqueued {out['enqueued']} products", err=as_json)
             return int(out["run_id"])
