@@ -337,7 +337,9 @@ def evaluate(args) -> None:
         c, f = logits[k]
         y = sets[k][1]
         m = compute_metrics(tax, {"coarse_logits": c, "fine_logits": f, "coarse_t": parent[y], "fine_t": y})
-        res[k] = {"fine_top1": m["fine_top1"], "coarse_top1": m["coarse_top1"], "consistency": m["consistency"]}
+        res[k] = {"fine_top1": m["fine_top1"], "coarse_top1": m["coarse_top1"], "consistency": m["consistency"],
+                  "fine_recall": {n: round(v["recall"], 4) for n, v in m["fine"]["per_class"].items()},
+                  "fine_confusion": m["fine"]["confusion"]}
     cv, fv = logits["val"]
     yv = sets["val"][1]
     t_f = cal.fit_temperature(fv, yv)
@@ -345,11 +347,17 @@ def evaluate(args) -> None:
     res["temperature"] = {"fine": t_f, "coarse": t_c}
     ct, ft = logits["test"]
     yt = sets["test"][1]
-    for name, (tf, tc) in {"raw": (1.0, 1.0), "scaled": (t_f, t_c)}.items():
-        p = cal.joint_fine_probs(ct, ft, parent, tc, tf)
+    # The consistent decoding multiplies two heads' evidence: one more temperature on the joint's log-probs
+    # (fitted on validation) calibrates the scores that are actually served.
+    joint_val = np.log(np.clip(cal.joint_fine_probs(cv, fv, parent), 1e-12, 1))
+    t_j = cal.fit_temperature(joint_val, yv)
+    res["temperature"]["joint"] = t_j
+    joint_test = np.log(np.clip(cal.joint_fine_probs(ct, ft, parent), 1e-12, 1))
+    for name, tj in {"raw": 1.0, "scaled": t_j}.items():
+        p = cal.softmax(joint_test, tj)
         res[f"test_ece_{name}"] = cal.expected_calibration_error(p.max(1), p.argmax(1) == yt)
-        res[f"test_nll_{name}"] = cal.nll(np.log(np.clip(p, 1e-12, 1)), yt)
-    p = cal.joint_fine_probs(ct, ft, parent, t_c, t_f)
+        res[f"test_nll_{name}"] = cal.nll(joint_test, yt, tj)
+    p = cal.softmax(joint_test, t_j)
     res["reliability_test"] = cal.reliability_table(p.max(1), p.argmax(1) == yt, n_bins=10)
     for kind in ("msp", "energy", "max-logit"):
         def score(key, kind=kind):
@@ -369,7 +377,9 @@ def evaluate(args) -> None:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name or d}.json").write_text(json.dumps(res, indent=1))
-    short = {k: res[k] for k in ("val", "test", "robust", "temperature", "test_ece_raw", "test_ece_scaled")}
+    short = {k: res[k] for k in ("temperature", "test_ece_raw", "test_ece_scaled")}
+    for k in ("val", "test", "robust"):
+        short[k] = {n: v for n, v in res[k].items() if n != "fine_confusion"}
     print(json.dumps(short, indent=1))
     for kind in ("msp", "energy", "max-logit"):
         r = res[f"review_{kind}"]
@@ -403,8 +413,8 @@ def bench(args) -> None:
         print(f"decode+preprocess {name}: {best:.0f} img/s on one core", flush=True)
     torch.set_num_threads(args.threads)
     for name, (backbone, spec) in {"A": ("resnet-small", SPECS["A"]), "A-tiny": ("resnet-tiny", SPECS["A"]),
-                                   "B": ("resnet-small", SPECS["B"]), "C": ("resnet-small", SPECS["C"]),
-                                   "B-wide": ("resnet-wide", SPECS["B"])}.items():
+                                   "B": ("resnet-small", SPECS["B"]), "D": ("resnet-small", SPECS["D"]),
+                                   "C": ("resnet-small", SPECS["C"]), "B-wide": ("resnet-wide", SPECS["B"])}.items():
         m = build_model(backbone, 6, 10, spec.channels).eval().to(memory_format=torch.channels_last)
         x = torch.randn(256, spec.channels, spec.input_size, spec.input_size).contiguous(
             memory_format=torch.channels_last)
@@ -418,6 +428,22 @@ def bench(args) -> None:
         res[f"model_{name}_bs256"] = best
         print(f"model {name} ({backbone}, {spec.channels}x{spec.input_size}px): {best:.0f} img/s, batch 256, "
               f"{args.threads} threads", flush=True)
+        if args.train_steps:
+            m.train()
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+            yb = torch.randint(0, 6, (256,))
+            times = []
+            for _ in range(args.train_steps + 1):
+                t = time.perf_counter()
+                c, f = m(x)
+                loss = torch.nn.functional.cross_entropy(c, yb) + torch.nn.functional.cross_entropy(f, yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                times.append(time.perf_counter() - t)
+            res[f"train_{name}_img_per_s"] = 256 / float(np.median(times[1:]))
+            print(f"  training {name}: {res[f'train_{name}_img_per_s']:.0f} img/s (forward+backward+AdamW)",
+                  flush=True)
     res["loadavg_after"] = os.getloadavg()
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
@@ -499,6 +525,7 @@ def main() -> None:
     b.add_argument("--n", type=int, default=200)
     b.add_argument("--repeat", type=int, default=3)
     b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--train-steps", type=int, default=3)
     z = sub.add_parser("baseline")
     z.add_argument("--data", default="/tmp/proto/data")
     z.add_argument("--results", default="/tmp/proto/results")
