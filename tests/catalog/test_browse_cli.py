@@ -12,6 +12,7 @@ from catalog.browse import browse, facets_within
 from catalog.db import read_connection, session_scope
 from catalog.facets import resync_tag_sets
 from tests.catalog import browse_helpers as bf
+from tests.support.cli import run_styletag
 
 
 @pytest.fixture
@@ -28,17 +29,9 @@ def shop(sqlite_url, seed, monkeypatch, tmp_path):
 
 @pytest.fixture
 def styletag(capsys):
-    from worker.cli import main
-
     def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
+        done = run_styletag(capsys, *args)
+        return done.returncode, done.stdout, done.stderr
 
     return run
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from model.fmnist import DEFAULT_SOURCE
+from tests.support.cli import run_styletag
 
 HAVE_FMNIST = any((DEFAULT_SOURCE / f"t10k-labels-idx1-ubyte{ext}").is_file() for ext in ("", ".gz"))
 
@@ -33,17 +34,8 @@ def env(tmp_path, monkeypatch):
 def styletag(capsys):
     """Run the real entry point (worker.cli.main) in this process: fast, same code path as the console
     script. Returns (exit code, stdout, stderr)."""
-    from worker.cli import main
-
     def run(env: dict, *args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
+        return run_styletag(capsys, *args)
 
     return run
 

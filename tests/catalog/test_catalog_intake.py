@@ -5,10 +5,8 @@ by the image check that ``retag --changed-only`` runs first."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from catalog.db import session_scope
 from catalog.schema import Product, ProductStyle, StyleLabel, StyleTruth
 from catalog.settings import Settings
 from catalog.storage import open_store
+from tests.support.cli import run_styletag
 
 CDN = "https://cdn.example.com/shop/"
 
@@ -63,19 +62,8 @@ def shop(db_url, tmp_path, monkeypatch) -> Shop:
 @pytest.fixture
 def styletag(capsys, monkeypatch):
     """The real entry point (worker.cli.main) in this process; stdin as given. (code, stdout, stderr)."""
-    from worker.cli import main
-
     def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-        if stdin is not None:
-            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
+        return run_styletag(capsys, *args, stdin=stdin, monkeypatch=monkeypatch)
 
     return run
 

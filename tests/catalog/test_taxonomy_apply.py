@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from catalog.db import session_scope
 from catalog.schema import LabelParent, Product, ProductStyle, StyleLabel, StyleTruth
+from tests.support.cli import run_styletag
 
 SHOP = {
     "name": "shop-2027",
@@ -29,20 +30,11 @@ SHOP = {
 
 @pytest.fixture
 def styletag(db_url, tmp_path, monkeypatch, capsys):
-    from worker.cli import main
-
     monkeypatch.setenv("STYLETAG_DATABASE_URL", db_url)
     monkeypatch.setenv("STYLETAG_HOME", str(tmp_path / "home"))
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
+        return run_styletag(capsys, *args)
 
     return run
 
