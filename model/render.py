@@ -34,8 +34,8 @@ class RenderStyle:
 
     size: tuple[int, int] = (600, 1000)  # both canvas sides within this range
     aspects: tuple[tuple[int, int], ...] = ((1, 1), (4, 5), (3, 4), (2, 3), (5, 4), (4, 3))  # width:height
-    item_scale: tuple[float, float] = (0.45, 0.85)  # garment's long side / canvas's short side
-    rotation: float = 8.0  # max degrees either way
+    item_scale: tuple[float, float] = (0.4, 0.88)  # garment's long side / canvas's short side
+    rotation: float = 10.0  # max degrees either way
     centre_bias: float = 0.0  # 0: uniform placement; 1: always centred
     backdrops: tuple[str, ...] = BACKDROPS
     backdrop_weights: tuple[float, ...] = (0.35, 0.25, 0.15, 0.25)
@@ -51,9 +51,24 @@ class RenderStyle:
     texture_weights: tuple[float, ...] = (0.45, 0.2, 0.15, 0.1, 0.1)
     colours: tuple[str, ...] = NAMES
     colour_jitter: float = 10.0  # max RGB offset per channel (kept only if the name does not change)
-    shade_floor: tuple[float, float] = (0.55, 0.8)  # brightness of the item's darkest pixels
-    lighting: float = 0.06  # strength of the global brightness / contrast / colour-cast change
+    shade_floor: tuple[float, float] = (0.5, 0.8)  # brightness of the item's darkest pixels
+    # Fashion-MNIST's intensity is the *inverted* brightness of the original photo (a dark coat is bright in
+    # it); shading of either sign is equally plausible, so each photo draws one (see _garment).
+    inverted_p: float = 0.5
+    lighting: float = 0.1  # strength of the global brightness / contrast / colour-cast change
     work_scale: int = 6  # working resolution = 28 px x this
+
+
+# A deliberately different catalogue, for robustness figures (never trained on): more tinted and darker
+# backdrops, stronger gradients and vignettes, garments from a third to the whole frame, more rotation, no
+# drop shadow, stronger light changes, other aspect ratios, mostly inverted shading.
+ROBUST_STYLE: dict = dict(
+    backdrop_weights=(0.15, 0.2, 0.2, 0.45), pastel_saturation=(0.12, 0.35), backdrop_value=(0.72, 0.97),
+    item_scale=(0.30, 0.95), shadow_p=0.0, lighting=0.2, rotation=15.0, gradient_p=0.7,
+    gradient_strength=(0.05, 0.2), vignette_p=0.5, vignette_strength=(0.1, 0.3),
+    aspects=((1, 1), (2, 3), (3, 2), (9, 16), (16, 9), (4, 5)), inverted_p=0.8, shade_floor=(0.4, 0.9),
+    texture_weights=(0.3, 0.3, 0.15, 0.15, 0.1),
+)
 
 
 @dataclass
@@ -203,7 +218,18 @@ def _garment(rng, st: RenderStyle, item28: np.ndarray):
     inside = inten[alpha > 0.5]
     top = max(float(np.percentile(inside, 90)) if inside.size else 255.0, 40.0)
     floor = rng.uniform(*st.shade_floor)
-    shade = floor + (1 - floor) * np.clip(inten / top, 0, 1)
+    rel = np.clip(inten / top, 0, 1)
+    inverted = bool(rng.random() < st.inverted_p)
+    if inverted:
+        # The item's detail with the photo's own polarity: what is brighter than the garment's median in
+        # Fashion-MNIST is darker cloth, what is darker is lighter cloth (a print, a collar). The body stays
+        # at its palette colour, so the colour truth holds either way.
+        med = float(np.median(rel[alpha > 0.5])) if inside.size else 0.8
+        darker = np.clip((rel - med) / max(1 - med, 0.05), 0, 1)
+        lighter = np.clip((med - rel) / max(med, 0.05), 0, 1)
+        shade = 1 - (1 - floor) * darker + 0.35 * lighter
+    else:
+        shade = floor + (1 - floor) * rel
     texture = _choice(rng, st.textures, st.texture_weights)
     name1, rgb1 = _pick_colour(rng, st)
     colours: tuple[str, ...] = (name1,)
@@ -223,7 +249,7 @@ def _garment(rng, st: RenderStyle, item28: np.ndarray):
     rgba = np.empty((hw, ww, 4), dtype=np.uint8)
     rgba[..., :3] = np.clip(col * shade[..., None], 0, 255)
     rgba[..., 3] = np.round(alpha * 255)
-    return rgba, colours, texture, share, rgb1
+    return rgba, colours, texture, share, rgb1, inverted
 
 
 def render_photo(item28: np.ndarray, rng: np.random.Generator, **style) -> RenderedPhoto:
@@ -231,7 +257,7 @@ def render_photo(item28: np.ndarray, rng: np.random.Generator, **style) -> Rende
     st = replace(RenderStyle(), **style) if style else RenderStyle()
     w, h = _canvas_size(rng, st)
     canvas, backdrop_kind, backdrop_rgb = _backdrop(rng, st, w, h)
-    garment, colours, texture, share, base_rgb = _garment(rng, st, item28)
+    garment, colours, texture, share, base_rgb, inverted = _garment(rng, st, item28)
 
     angle = rng.uniform(-st.rotation, st.rotation)
     if rng.random() < 0.5:
@@ -276,7 +302,7 @@ def render_photo(item28: np.ndarray, rng: np.random.Generator, **style) -> Rende
         lut = np.concatenate([np.clip(255 * (v**gamma) * g, 0, 255) for g in gain]).round().astype(np.uint8)
         canvas = canvas.point(lut.tolist())
     info = {"backdrop": backdrop_kind, "backdrop_rgb": [round(float(c)) for c in backdrop_rgb], "texture": texture,
-            "pattern_share": round(share, 3), "scale": round(scale, 3), "angle": round(angle, 2), "size": (w, h)}
+            "pattern_share": round(share, 3), "inverted": inverted, "scale": round(scale, 3), "angle": round(angle, 2), "size": (w, h)}
     return RenderedPhoto(canvas, colours, (x, y, x + tw, y + th), info)
 
 
