@@ -287,15 +287,104 @@ def barcode(rng, w, h):
     return im
 
 
+def polygon(rng, w, h):
+    """One garment-sized irregular polygon (5-12 corners at random radii), flat or lightly shaded, maybe
+    over a soft shadow: a silhouette that is no garment (a box, a sign, a cut-out)."""
+    im = _studio(rng, w, h)
+    r0 = min(w, h) * rng.uniform(0.2, 0.42)
+    cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
+    n = int(rng.integers(5, 13))
+    angles = np.sort(rng.uniform(0, 2 * math.pi, n))
+    radii = r0 * rng.uniform(0.45, 1.0, n)
+    pts = [(cx + r * math.cos(a), cy + r * math.sin(a) * rng.uniform(0.7, 1.3)) for a, r in zip(angles, radii, strict=True)]
+    mask = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(mask).polygon(pts, fill=255)
+    if rng.random() < 0.5:
+        shadow = mask.filter(ImageFilter.BoxBlur(max(2, int(min(w, h) * 0.01)))).point(lambda v: int(v * 0.2))
+        im.paste((0, 0, 0), (int(rng.integers(-8, 9)), int(rng.integers(0, 12))), shadow)
+    base = np.array(_colour(rng), np.float32)
+    g = 16
+    shade = 1 + rng.uniform(0, 0.15) * rng.standard_normal((g, g)).astype(np.float32)
+    body = np.clip(base[None, None, :] * shade[..., None], 0, 255).astype(np.uint8)
+    im.paste(_up(body, w, h, smooth=True), (0, 0), mask)
+    return im
+
+
+def text_logo(rng, w, h):
+    """A brand name or a word or two, large, on a studio backdrop (a logo uploaded as the product image)."""
+    im = _studio(rng, w, h)
+    d = ImageDraw.Draw(im)
+    words = _WORDS + ("BRAND", "studio", "Atelier", "Co.", "LOGO", "®", "HOME", "&")
+    lines = int(rng.integers(1, 3))
+    size = int(min(w, h) * rng.uniform(0.08, 0.2))
+    font = _font(size)
+    y = h * rng.uniform(0.2, 0.5)
+    ink = _colour(rng)
+    for _ in range(lines):
+        text = " ".join(words[int(i)] for i in rng.integers(0, len(words), int(rng.integers(1, 3))))
+        x = w * rng.uniform(0.05, 0.4)
+        d.text((x, y), text, fill=ink, font=font)
+        y += size * rng.uniform(1.1, 1.6)
+    return im
+
+
+def rules(rng, w, h):
+    """Ruled lines or a grid on a light page (an empty form, a measuring table)."""
+    im = Image.new("RGB", (w, h), tuple(int(v) for v in rng.uniform(230, 255, 3)))
+    d = ImageDraw.Draw(im)
+    ink = (int(rng.uniform(0, 120)),) * 3 if rng.random() < 0.6 else _colour(rng)
+    lw = max(1, int(min(w, h) * rng.uniform(0.002, 0.012)))
+    step = min(w, h) * rng.uniform(0.04, 0.15)
+    m = min(w, h) * rng.uniform(0.03, 0.2)
+    y = m
+    while y < h - m:
+        d.line((m, y, w - m, y), fill=ink, width=lw)
+        y += step
+    if rng.random() < 0.6:
+        x = m
+        step_x = step * rng.uniform(0.8, 3)
+        while x < w - m:
+            d.line((x, m, x, h - m), fill=ink, width=lw)
+            x += step_x
+    return im
+
+
+def scribble(rng, w, h):
+    """A few thick random strokes (a pen test, a damaged scan)."""
+    im = _studio(rng, w, h)
+    d = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(1, 5))):
+        pts = [(rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h) for _ in range(int(rng.integers(3, 9)))]
+        d.line(pts, fill=_colour(rng), width=max(2, int(min(w, h) * rng.uniform(0.01, 0.05))), joint="curve")
+    return im
+
+
+def rings(rng, w, h):
+    """1-3 ellipse outlines or discs with holes (a logo ring, a roll of tape)."""
+    im = _studio(rng, w, h)
+    d = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(1, 4))):
+        r = min(w, h) * rng.uniform(0.1, 0.35)
+        cx, cy = rng.uniform(0.25, 0.75) * w, rng.uniform(0.25, 0.75) * h
+        e = rng.uniform(0.6, 1.4)
+        d.ellipse((cx - r, cy - r * e, cx + r, cy + r * e), outline=_colour(rng),
+                  width=max(2, int(r * rng.uniform(0.1, 0.5))))
+    return im
+
+
 FAMILIES: dict[str, Callable[[np.random.Generator, int, int], Image.Image]] = {
     "blank": blank, "solid": solid, "noise-uniform": noise_uniform, "noise-gaussian": noise_gaussian,
     "gradient-linear": gradient_linear, "banner": banner, "shapes": shapes, "stripes": stripes,
     "placeholder": placeholder, "swatches": swatches,
     "salt-pepper": salt_pepper, "blotches": blotches, "gradient-radial": gradient_radial, "checks": checks,
     "stars": stars, "blobs": blobs, "text-page": text_page, "barcode": barcode,
+    "polygon": polygon, "text-logo": text_logo, "rules": rules, "scribble": scribble, "rings": rings,
 }
+# The training families cover the kinds (empty frames, noise, full-frame patterns, flat objects and
+# silhouettes, text and ruled graphics); the held-out ones are other members of the same kinds.
 TRAIN_FAMILIES: tuple[str, ...] = ("blank", "solid", "noise-uniform", "noise-gaussian", "gradient-linear", "banner",
-                                   "shapes", "stripes", "placeholder", "swatches")
+                                   "shapes", "stripes", "placeholder", "swatches", "polygon", "text-logo", "rules",
+                                   "scribble", "rings")
 HELD_OUT_FAMILIES: tuple[str, ...] = ("salt-pepper", "blotches", "gradient-radial", "checks", "stars", "blobs",
                                       "text-page", "barcode")
 
