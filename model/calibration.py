@@ -140,3 +140,230 @@ def review_report(garment_scores: np.ndarray, outlier_scores: np.ndarray, thresh
     return {"threshold": float(threshold), "garments_flagged": flag_rate(garment_scores, threshold),
             "outliers_flagged": flag_rate(outlier_scores, threshold),
             "auroc": auroc(garment_scores, outlier_scores)}
+
+
+# --------------------------------------------------------------------------- what a checkpoint serves
+#
+# The metadata keys written by training (``fit_serving_calibration``) and read at serving time:
+#   "temperature":      {"coarse": Tc, "fine": Tf}: logits are divided by these before decoding
+#                       (``model.consistency``), so the served scores are calibrated on validation;
+#   "review_score":     {"kind": "msp" | "max-logit" | "energy", "center": m, "scale": s}: how
+#                       :func:`review_score` turns logits into a garment score in [0, 1];
+#   "review_threshold": a product whose review score is below it is held for review (low confidence);
+#   "ood_threshold":    below it, the product is out of distribution (a lower threshold than review's);
+#   "frame_rule":       {"min_foreground": a, "max_border": b}: :func:`frame_flags` on the model's uint8
+#                       input (no garment found; a foreground spanning the whole frame) -> out of distribution.
+# A checkpoint without these keys serves raw scores and holds nothing (``review_score`` is then the msp).
+
+
+def temperatures(meta: dict) -> tuple[float, float]:
+    """(T_coarse, T_fine) of a checkpoint's metadata; (1, 1) without a ``temperature`` key. A number
+    applies to both heads."""
+    t = meta.get("temperature")
+    if t is None:
+        return 1.0, 1.0
+    if isinstance(t, int | float):
+        return float(t), float(t)
+    return float(t.get("coarse", 1.0)), float(t.get("fine", 1.0))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
+def raw_review_scores(coarse_logits: np.ndarray, fine_logits: np.ndarray, kind: str, parent=None,
+                      t_coarse: float = 1.0, t_fine: float = 1.0) -> np.ndarray:
+    """The unsquashed score of ``kind`` (higher = more garment-like). Multi-label taxonomies (``parent``
+    None): msp is the best fine sigmoid."""
+    if kind == "msp" and parent is None:
+        return _sigmoid(np.asarray(fine_logits, dtype=np.float64) / t_fine).max(1)
+    return review_scores(fine_logits, kind, coarse_logits=coarse_logits, parent=parent, t_fine=t_fine,
+                         t_coarse=t_coarse)
+
+
+def _parent_of(meta: dict):
+    levels = meta["taxonomy"]["levels"]
+    coarse = list(levels["coarse"]["labels"])
+    fine = levels["fine"]["labels"]
+    if levels["coarse"].get("multi_label") or levels["fine"].get("multi_label") or any(
+            len(f["parents"]) != 1 for f in fine):
+        return None
+    return np.array([coarse.index(f["parents"][0]) for f in fine], dtype=np.int64)
+
+
+def review_score(coarse_logits: np.ndarray, fine_logits: np.ndarray, meta: dict) -> np.ndarray:
+    """THE garment score of each image, in [0, 1], as a checkpoint defines it (training fits the thresholds
+    on it, serving compares it with ``review_threshold`` and ``ood_threshold``). Logits are the raw network
+    outputs; the temperatures and the score's kind come from ``meta``."""
+    t_c, t_f = temperatures(meta)
+    spec = meta.get("review_score") or {"kind": "msp"}
+    kind = spec.get("kind", "msp") if isinstance(spec, dict) else str(spec)
+    raw = raw_review_scores(coarse_logits, fine_logits, kind, _parent_of(meta), t_c, t_f)
+    if kind == "msp":
+        return raw
+    return _sigmoid((raw - float(spec["center"])) / float(spec["scale"]))
+
+
+def frame_flags(images: np.ndarray, meta: dict) -> np.ndarray:
+    """Per uint8 model input [N, H, W, C] (what ``model.preprocess.decode_image`` returned): True when the
+    frame rule of ``meta`` says it holds no garment: almost no foreground, or foreground all along the
+    frame's border (noise, a pattern, a full-frame colour). Only for the backdrop-distance representations
+    (channel 0 is the distance from the backdrop); all False without a ``frame_rule``."""
+    x = np.asarray(images)
+    rule = meta.get("frame_rule")
+    if not rule or x.ndim != 4 or len(x) == 0:
+        return np.zeros(len(x), dtype=bool)
+    fg = x[..., 0] >= int(rule.get("level", 64))
+    area = fg.mean((1, 2))
+    border = np.concatenate([fg[:, 0, :], fg[:, -1, :], fg[:, :, 0], fg[:, :, -1]], 1).mean(1)
+    return (area < float(rule["min_foreground"])) | (border > float(rule["max_border"]))
+
+
+def out_of_distribution(coarse_logits: np.ndarray, fine_logits: np.ndarray, meta: dict,
+                        images: np.ndarray | None = None) -> np.ndarray:
+    """True where the image is no garment: review score under ``ood_threshold``, or the frame rule."""
+    score = review_score(coarse_logits, fine_logits, meta)
+    thr = meta.get("ood_threshold")
+    flags = score < float(thr) if thr is not None else np.zeros(len(score), dtype=bool)
+    if images is not None:
+        flags = flags | frame_flags(images, meta)
+    return flags
+
+
+def served_scores(coarse_logits: np.ndarray, fine_logits: np.ndarray, meta: dict):
+    """(coarse scores, fine scores) as the predictor serves them (temperatures applied, consistent
+    decoding), in numpy: for evaluation without torch."""
+    t_c, t_f = temperatures(meta)
+    parent = _parent_of(meta)
+    if parent is None:
+        fine = _sigmoid(np.asarray(fine_logits, dtype=np.float64) / t_f)
+        return _sigmoid(np.asarray(coarse_logits, dtype=np.float64) / t_c), fine
+    fine = joint_fine_probs(coarse_logits, fine_logits, parent, t_c, t_f)
+    coarse = np.zeros((len(fine), int(parent.max()) + 1))
+    np.add.at(coarse.T, parent, fine.T)
+    return coarse, fine
+
+
+# --------------------------------------------------------------------------- fitting on validation
+
+
+def fit_joint_temperatures(coarse_logits: np.ndarray, fine_logits: np.ndarray, fine_targets: np.ndarray,
+                           parent: np.ndarray, rounds: int = 3) -> tuple[float, float]:
+    """(T_coarse, T_fine) minimising the NLL of the *served* fine scores (the consistent joint) on
+    validation: coordinate descent, each step a golden-section search."""
+    y = np.asarray(fine_targets, dtype=np.int64)
+
+    def joint_nll(tc: float, tf: float) -> float:
+        p = joint_fine_probs(coarse_logits, fine_logits, parent, tc, tf)
+        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1)).mean())
+
+    tc = tf = 1.0
+    for _ in range(rounds):
+        tf = _golden(lambda t, tc=tc: joint_nll(tc, t))
+        tc = _golden(lambda t, tf=tf: joint_nll(t, tf))
+    return tc, tf
+
+
+def _golden(f, lo: float = 0.05, hi: float = 20.0, iters: int = 40) -> float:
+    """argmin of f over T in [lo, hi], searched on 1/T."""
+    a, b = 1.0 / hi, 1.0 / lo
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(1 / c), f(1 / d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(1 / c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(1 / d)
+    return float(1 / ((a + b) / 2))
+
+
+def fit_sigmoid_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
+    """T minimising the mean binary cross-entropy of ``sigmoid(logits / T)`` (multi-label levels)."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.float64)
+
+    def bce(t: float) -> float:
+        p = np.clip(_sigmoid(z / t), 1e-12, 1 - 1e-12)
+        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+    return _golden(bce)
+
+
+def fit_frame_rule(garment_images: np.ndarray, max_flag_rate: float = 0.005, level: int = 64) -> dict:
+    """The loosest frame rule that flags at most ``max_flag_rate`` of validation garments."""
+    fg = np.asarray(garment_images)[..., 0] >= level
+    area = fg.mean((1, 2))
+    border = np.concatenate([fg[:, 0, :], fg[:, -1, :], fg[:, :, 0], fg[:, :, -1]], 1).mean(1)
+    q = max_flag_rate / 2
+    return {"level": level, "min_foreground": float(min(np.quantile(area, q), 0.05)),
+            "max_border": float(max(np.quantile(border, 1 - q), 0.6))}
+
+
+def fit_serving_calibration(coarse_logits: np.ndarray, fine_logits: np.ndarray, coarse_targets: np.ndarray,
+                            fine_targets: np.ndarray, parent, outlier_coarse: np.ndarray | None = None,
+                            outlier_fine: np.ndarray | None = None, *, review_rate: float = 0.04,
+                            ood_rate: float = 0.01, kinds: tuple[str, ...] = SCORE_KINDS,
+                            garment_images: np.ndarray | None = None,
+                            outlier_images: np.ndarray | None = None, frame_rate: float = 0.005) -> dict:
+    """Every serving key of the metadata (see above), fitted on VALIDATION garments (and validation
+    non-garments, when given, to choose the score's kind: the kind that flags the most of them at the
+    garment rate ``review_rate``). ``review_threshold`` flags ``review_rate`` of the validation garments,
+    ``ood_threshold`` ``ood_rate``. Returns the keys and a ``fit`` report (bookkeeping)."""
+    if parent is None:  # multi-label: one temperature per head, sigmoid scores
+        t_c = fit_sigmoid_temperature(coarse_logits, coarse_targets)
+        t_f = fit_sigmoid_temperature(fine_logits, fine_targets)
+    else:
+        t_c, t_f = fit_joint_temperatures(coarse_logits, fine_logits, fine_targets, parent)
+    frame = None
+    if garment_images is not None and len(garment_images) and garment_images.shape[-1] >= 1:
+        frame = fit_frame_rule(garment_images, frame_rate)
+    report: dict = {"kinds": {}}
+    best = None
+    for kind in kinds:
+        if parent is None and kind != "msp" and kind != "max-logit":
+            continue
+        g = raw_review_scores(coarse_logits, fine_logits, kind, parent, t_c, t_f)
+        spec: dict = {"kind": kind}
+        if kind != "msp":
+            lo, hi = np.quantile(g, [0.01, 0.5])
+            spec.update(center=float(lo), scale=float(max((hi - lo) / 4, 1e-6)))
+        score_g = _squash(g, spec)
+        thr = fit_review_threshold(score_g, review_rate)
+        row = {"threshold": thr, "val_garments_flagged": flag_rate(score_g, thr)}
+        if outlier_fine is not None and len(outlier_fine):
+            o = _squash(raw_review_scores(outlier_coarse, outlier_fine, kind, parent, t_c, t_f), spec)
+            flagged = o < thr
+            if frame is not None and outlier_images is not None:
+                flagged = flagged | _frame(outlier_images, frame)
+            row["val_outliers_flagged"] = float(flagged.mean())
+            row["auroc"] = auroc(score_g, o)
+        report["kinds"][kind] = row
+        key = (row.get("val_outliers_flagged", 0.0), row.get("auroc", 0.0), kind == "msp")
+        if best is None or key > best[0]:
+            best = (key, kind, spec, score_g)
+    _, kind, spec, score_g = best
+    out = {
+        "temperature": {"coarse": round(t_c, 6), "fine": round(t_f, 6)},
+        "review_score": spec,
+        "review_threshold": fit_review_threshold(score_g, review_rate),
+        "ood_threshold": fit_review_threshold(score_g, ood_rate),
+    }
+    if frame is not None:
+        out["frame_rule"] = frame
+    report.update(chosen=kind, review_rate=review_rate, ood_rate=ood_rate)
+    return {**out, "fit": report}
+
+
+def _squash(raw: np.ndarray, spec: dict) -> np.ndarray:
+    if spec["kind"] == "msp":
+        return np.asarray(raw, dtype=np.float64)
+    return _sigmoid((raw - spec["center"]) / spec["scale"])
+
+
+def _frame(images: np.ndarray, rule: dict) -> np.ndarray:
+    return frame_flags(images, {"frame_rule": rule})

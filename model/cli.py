@@ -27,17 +27,19 @@ def _command_line() -> str:
     return "styletag " + shlex.join(argv)
 
 
-def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None = None, seed: int = 0):
-    """The named dataset as an ArraySet. ``fmnist-mosaic``: 2x2 mosaics, 20k train / 4k test."""
-    from .data import fmnist_dataset, mosaic_dataset
-    from .fmnist import load_split
+def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None = None, seed: int = 0,
+                 val_share: float = 0.1):
+    """The named dataset as an ArraySet; ``split``: train | val (held out of the official training split by
+    an index hash, ``val_share`` of it) | test (the official test split). ``fmnist-mosaic``: 2x2 mosaics,
+    20k train / 4k val / 4k test."""
+    from .data import fmnist_dataset, fmnist_split, mosaic_dataset
 
     if name == "fmnist":
-        return fmnist_dataset(split, taxonomy, source, limit)
+        return fmnist_dataset(split, taxonomy, source, limit, val_share)
     if name == "fmnist-mosaic":
-        images, labels = load_split(split, source)  # FashionMNISTMissing is a DatasetMissing
+        images, labels = fmnist_split(split, source, val_share)  # FashionMNISTMissing is a DatasetMissing
         n = limit or (20_000 if split == "train" else 4_000)
-        return mosaic_dataset(images, labels, taxonomy, n, seed=seed + (0 if split == "train" else 1))
+        return mosaic_dataset(images, labels, taxonomy, n, seed=seed + {"train": 0, "test": 1, "val": 2}[split])
     raise DatasetMissing(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
 
 
@@ -46,7 +48,9 @@ def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None
 @click.option("--source", type=click.Path(path_type=Path), default=None, help="Directory of the IDX files.")
 @click.option("--taxonomy", default="fashion-mnist", show_default=True, help="Shipped name or JSON path.")
 @click.option("--backbone", default="resnet-small", show_default=True)
-@click.option("--pretrained", is_flag=True, help="Start from torchvision weights (must be in the local cache).")
+@click.option("--pretrained", default=None, is_flag=False, flag_value="imagenet", metavar="imagenet|PATH",
+              help="Start the backbone from torchvision's ImageNet weights (its cache, TORCH_HOME; downloaded once "
+                   "where there is a network) or from a local weights file.")
 @click.option("--epochs", type=int, default=15, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
@@ -61,7 +65,12 @@ def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None
 @click.option("--no-augment", is_flag=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N training items.")
-@click.option("--val-limit", type=int, default=None, help="Per-epoch validation on the first N test items.")
+@click.option("--val-limit", type=int, default=None, help="Per-epoch validation on the first N validation items.")
+@click.option("--val-share", type=click.FloatRange(0, 0.5), default=0.1, show_default=True,
+              help="Share of the training split held out for validation (early stopping, temperature, review "
+                   "threshold); 0: none. The test split is never used in training.")
+@click.option("--patience", type=int, default=0, show_default=True,
+              help="Stop after N epochs without a better validation score (0: run every epoch).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint path (.safetensors).")
@@ -71,8 +80,8 @@ def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None
 @click.option("--erase-p", type=float, default=0.5, show_default=True, help="Random-erasing probability.")
 @click.option("--no-progress", is_flag=True)
 def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_size, lr, weight_decay, optimizer,
-              schedule, warmup, label_smoothing, w_coarse, w_fine, input_size, no_augment, seed, limit, val_limit, threads,
-              device, out, resume, init, erase_p, no_progress):
+              schedule, warmup, label_smoothing, w_coarse, w_fine, input_size, no_augment, seed, limit, val_limit, val_share,
+              patience, threads, device, out, resume, init, erase_p, no_progress):
     """Train the hierarchical model and write a checkpoint each epoch."""
     from .net import BACKBONES, MIN_INPUT_SIZE
     from .taxonomy import TaxonomyError, load_taxonomy
@@ -87,7 +96,7 @@ def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_s
     if pretrained:
         from .net import check_pretrained
 
-        check_pretrained(backbone)
+        check_pretrained(backbone, pretrained)
     if resume is not None and not resume.is_file():
         raise ModelError(f"--resume checkpoint {resume} not found")
     if init is not None and not init.is_file():
@@ -95,16 +104,20 @@ def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_s
     if not str(out).endswith(".safetensors"):
         raise ModelError(f"--out must end in .safetensors, not {out}")
     size = input_size or max(28 * (2 if data_name == "fmnist-mosaic" else 1), MIN_INPUT_SIZE[backbone])
-    train_set = load_dataset(data_name, "train", tax, source, limit, seed)
-    val_set = load_dataset(data_name, "test", tax, source, None, seed)
+    from .data import FMNIST_MEAN, FMNIST_STD
+
+    train_set = load_dataset(data_name, "train", tax, source, limit, seed, val_share)
+    val_set = load_dataset(data_name, "val", tax, source, None, seed, val_share) if val_share > 0 else None
     cfg = TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       optimizer=optimizer, schedule=schedule, warmup=warmup, label_smoothing=label_smoothing, w_coarse=w_coarse,
-                      w_fine=w_fine, seed=seed, input_size=size, channels=1, mean=(0.2860,), std=(0.3530,),
-                      pretrained=pretrained, augment=not no_augment, device=device, threads=threads,
+                      w_fine=w_fine, seed=seed, input_size=size, channels=1, mean=FMNIST_MEAN, std=FMNIST_STD,
+                      pretrained=pretrained or False, augment=not no_augment, device=device, threads=threads,
                       out=str(out), resume=str(resume) if resume else None, val_limit=val_limit,
-                      init=str(init) if init else None, erase_p=erase_p)
+                      init=str(init) if init else None, erase_p=erase_p, patience=patience)
     desc = {"dataset": data_name, "source": str(source or "/usr/share/datasets/fashion-mnist"),
-            "train_items": len(train_set), "val_items": len(val_set), "val_split": "test"}
+            "train_items": len(train_set), "val_items": len(val_set) if val_set is not None else 0,
+            "val_split": f"{val_share:.0%} of the training split (index hash, model.data.holdout_mask)",
+            "test_split": "the official test split (styletag eval)"}
     t0 = time.time()
     _, meta = train(cfg, tax, train_set, val_set, command=_command_line(), data_desc=desc,
                     progress=not no_progress, log=click.echo)

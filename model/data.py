@@ -45,11 +45,35 @@ class ArraySet(torch.utils.data.Dataset):
         return ArraySet(self.images[:n], self.coarse[:n], self.fine[:n])
 
 
-def fmnist_dataset(split: str, taxonomy: Taxonomy, source=None, limit: int | None = None) -> ArraySet:
-    """Fashion-MNIST as an ArraySet: images [N, 28, 28, 1]; fine = dataset label; coarse = its parent."""
-    images, labels = load_split(split, source)  # FashionMNISTMissing is a DatasetMissing
+def holdout_mask(n: int, share: float) -> np.ndarray:
+    """Validation items of a training split: a multiplicative hash of the index, ``share`` of them
+    (deterministic, spread over the whole split, independent of its order in memory)."""
+    if share <= 0:
+        return np.zeros(n, dtype=bool)
+    h = (np.arange(n, dtype=np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
+    return (h % np.uint64(1000)) < np.uint64(round(share * 1000))
+
+
+def fmnist_split(split: str, source=None, val_share: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of ``train`` (the official training split less its validation share), ``val``
+    (that share) or ``test`` (the official test split, never trained or selected on)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}")
+    images, labels = load_split("test" if split == "test" else "train", source)
+    if split == "test":
+        return images, labels
+    val = holdout_mask(len(labels), val_share)
+    keep = val if split == "val" else ~val
+    return images[keep], labels[keep]
+
+
+def fmnist_dataset(split: str, taxonomy: Taxonomy, source=None, limit: int | None = None,
+                   val_share: float = 0.1) -> ArraySet:
+    """Fashion-MNIST as an ArraySet: images [N, 28, 28, 1]; fine = dataset label; coarse = its parent.
+    ``split``: train | val | test (see :func:`fmnist_split`)."""
     if len(taxonomy.fine.labels) != 10:
         raise DatasetMissing(f"taxonomy {taxonomy.name!r} has {len(taxonomy.fine.labels)} fine labels; Fashion-MNIST needs 10")
+    images, labels = fmnist_split(split, source, val_share)  # FashionMNISTMissing is a DatasetMissing
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     fine = labels.astype(np.int64)
@@ -196,6 +220,68 @@ class Augment:
         apply = torch.rand(n, generator=g, device=dev) < self.erase_p
         mask = (in_r[:, :, None] & in_c[:, None, :]) & apply[:, None, None]
         return x.masked_fill(mask[:, None], 0.0)
+
+
+@dataclass
+class PhotoAugment:
+    """Train-time preset for preprocessed photos (``model.preprocess``): the garment's scale, placement,
+    aspect and a small rotation (an affine warp that fills with the backdrop's value per channel, or
+    replicates the border where the backdrop has no fixed value), a horizontal flip, each channel's
+    contrast about the backdrop value, a light blur and light noise. Whole-batch tensor ops on uint8 NHWC,
+    deterministic for a generator. Random erasing stays on the normalised input (``Augment.erase``)."""
+
+    pad_value: tuple[int, ...] | None = None
+    scale: tuple[float, float] = (0.72, 1.04)  # < 1: the garment smaller in the frame
+    aspect: float = 0.12  # max |log| of the width/height stretch
+    shift: float = 0.12  # max shift, share of the side
+    rotate: float = 8.0  # max degrees
+    flip: bool = True
+    gain: tuple[float, float] = (0.7, 1.3)  # per channel, about the backdrop value
+    blur_p: float = 0.25
+    noise: float = 6.0  # max sigma, uint8 steps
+    erase_p: float = 0.25
+
+    def photo(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n, h, w, c = x.shape
+        dev = x.device
+
+        def u(lo: float, hi: float, size=(n,)) -> torch.Tensor:
+            return (torch.rand(size, generator=g, device=dev) * (hi - lo) + lo) if hi > lo else torch.full(size, lo, device=dev)
+
+        xf = x.permute(0, 3, 1, 2).float()
+        base = torch.tensor(self.pad_value if self.pad_value else [0] * c, dtype=torch.float32, device=dev)
+        base = base[:c].view(1, c, 1, 1)
+        s = torch.exp(u(math.log(self.scale[0]), math.log(self.scale[1])))
+        a = torch.exp(u(-self.aspect, self.aspect))
+        sx, sy = s * a.sqrt(), s / a.sqrt()
+        r = u(-self.rotate, self.rotate) * math.pi / 180
+        flip = (torch.rand(n, generator=g, device=dev) < 0.5) if self.flip else torch.zeros(n, dtype=torch.bool, device=dev)
+        fx = torch.where(flip, -1.0, 1.0)
+        cos, sin = torch.cos(r), torch.sin(r)
+        theta = torch.zeros(n, 2, 3, device=dev)
+        # input coordinates = A @ output coordinates + t (normalised [-1, 1]): zooming out divides by s
+        theta[:, 0, 0], theta[:, 0, 1] = fx * cos / sx, -sin / sx
+        theta[:, 1, 0], theta[:, 1, 1] = fx * sin / sy, cos / sy
+        theta[:, 0, 2] = u(-2 * self.shift, 2 * self.shift)
+        theta[:, 1, 2] = u(-2 * self.shift, 2 * self.shift)
+        grid = F.affine_grid(theta, (n, c, h, w), align_corners=False)
+        mode = "zeros" if self.pad_value else "border"
+        out = F.grid_sample(xf - base, grid, mode="bilinear", padding_mode=mode, align_corners=False)
+        out = out * u(*self.gain, size=(n, c)).view(n, c, 1, 1)
+        if self.blur_p > 0:
+            k = torch.tensor([0.25, 0.5, 0.25], device=dev)
+            blurred = F.conv2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None, :]).expand(c, 1, 3, 3),
+                               groups=c)
+            pick = (torch.rand(n, generator=g, device=dev) < self.blur_p).view(n, 1, 1, 1)
+            out = torch.where(pick, blurred, out)
+        if self.noise > 0:
+            sigma = u(0, self.noise).view(n, 1, 1, 1)
+            out = out + sigma * torch.randn(out.shape, generator=g, device=dev)
+        out = (out + base).round_().clamp_(0, 255).to(torch.uint8)
+        return out.permute(0, 2, 3, 1).contiguous()
+
+    def erase(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return Augment(pad=0, flip=False, erase_p=self.erase_p).erase(x, g)
 
 
 def mosaic_dataset(

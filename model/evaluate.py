@@ -98,3 +98,74 @@ def summary(metrics: dict) -> dict:
     keys = ("n", "decoding", "coarse_top1", "fine_top1", "coarse_macro_f1", "fine_macro_f1", "consistency",
             "coarse_map", "fine_map", "coarse_micro_f1", "fine_micro_f1")
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items() if k in keys}
+
+
+def calibration_report(taxonomy: Taxonomy, logits: dict[str, np.ndarray], meta: dict, n_bins: int = 10) -> dict:
+    """ECE before and after the checkpoint's temperatures, on the scores the predictor serves (the primary
+    fine score of the consistent decoding, and the primary coarse score), and the reliability table of
+    the calibrated fine scores; ``bins_within_5_points``: every bin with >= 100 items has |accuracy -
+    confidence| <= 0.05."""
+    from . import calibration as cal
+
+    if taxonomy.multi_label:
+        return {}
+    parent = np.array([p[0] for p in taxonomy.parents], dtype=np.int64)
+    c, f = logits["coarse_logits"], logits["fine_logits"]
+    yf, yc = np.asarray(logits["fine_t"]), np.asarray(logits["coarse_t"])
+    out: dict = {"temperature": meta.get("temperature")}
+    for name, m in (("raw", {k: v for k, v in meta.items() if k != "temperature"}), ("calibrated", meta)):
+        cs, fs = cal.served_scores(c, f, {**m, "taxonomy": taxonomy.to_dict()})
+        pf = fs.argmax(1)
+        pc = parent[pf]
+        out[f"fine_ece_{name}"] = cal.expected_calibration_error(fs.max(1), pf == yf, 15)
+        out[f"coarse_ece_{name}"] = cal.expected_calibration_error(cs[np.arange(len(pc)), pc], pc == yc, 15)
+        if name == "calibrated":
+            table = cal.reliability_table(fs.max(1), pf == yf, n_bins)
+            out["reliability_fine"] = table
+            big = [r for r in table if r["count"] >= 100]
+            out["bins_within_5_points"] = all(abs(r["accuracy"] - r["confidence"]) <= 0.05 for r in big)
+            out["worst_bin_gap_100plus"] = max((abs(r["accuracy"] - r["confidence"]) for r in big), default=0.0)
+            out["reliability_coarse"] = cal.reliability_table(cs[np.arange(len(pc)), pc], pc == yc, n_bins)
+    return out
+
+
+def review_report(taxonomy: Taxonomy, logits: dict[str, np.ndarray], meta: dict, images: np.ndarray | None = None,
+                  outlier_sets: dict | None = None) -> dict:
+    """What the checkpoint's review rule does on garments (coverage = share not flagged, accuracy of the
+    covered ones, flagged by each threshold) and on sets of generated non-garments (share flagged, per
+    family). ``outlier_sets``: name -> (coarse_logits, fine_logits, images or None, family names)."""
+    from . import calibration as cal
+
+    meta = {**meta, "taxonomy": taxonomy.to_dict()}
+    rt, ot = meta.get("review_threshold"), meta.get("ood_threshold")
+    score = cal.review_score(logits["coarse_logits"], logits["fine_logits"], meta)
+    frame = cal.frame_flags(images, meta) if images is not None else np.zeros(len(score), dtype=bool)
+    ood = (score < ot if ot is not None else np.zeros(len(score), bool)) | frame
+    flagged = ood | (score < rt if rt is not None else np.zeros(len(score), bool))
+    m = compute_metrics(taxonomy, logits)
+    out: dict = {"review_score": meta.get("review_score"), "review_threshold": rt, "ood_threshold": ot,
+                 "frame_rule": meta.get("frame_rule"), "garments": len(score),
+                 "garments_flagged": float(flagged.mean()) if len(score) else 0.0,
+                 "garments_out_of_distribution": float(ood.mean()) if len(score) else 0.0,
+                 "garments_frame_rule": float(frame.mean()) if len(score) else 0.0,
+                 "coverage": float(1 - flagged.mean()) if len(score) else 0.0}
+    if not taxonomy.multi_label:
+        _, _, pc, pf = decode_single(torch.from_numpy(logits["coarse_logits"]), torch.from_numpy(logits["fine_logits"]),
+                                     parent_index(taxonomy.parents))
+        ok_f = pf.numpy() == np.asarray(logits["fine_t"])
+        ok_c = pc.numpy() == np.asarray(logits["coarse_t"])
+        keep = ~flagged
+        out.update(fine_top1_all=m["fine_top1"], coarse_top1_all=m["coarse_top1"],
+                   fine_top1_covered=float(ok_f[keep].mean()) if keep.any() else None,
+                   coarse_top1_covered=float(ok_c[keep].mean()) if keep.any() else None,
+                   fine_top1_flagged=float(ok_f[flagged].mean()) if flagged.any() else None)
+    for name, (oc, of, oimg, fams) in (outlier_sets or {}).items():
+        s = cal.review_score(oc, of, meta)
+        fr = cal.frame_flags(oimg, meta) if oimg is not None else np.zeros(len(s), dtype=bool)
+        o_ood = (s < ot if ot is not None else np.zeros(len(s), bool)) | fr
+        o_flag = o_ood | (s < rt if rt is not None else np.zeros(len(s), bool))
+        fams = np.asarray(fams)
+        out[name] = {"n": len(s), "flagged": float(o_flag.mean()), "out_of_distribution": float(o_ood.mean()),
+                     "frame_rule": float(fr.mean()), "auroc_vs_garments": cal.auroc(score, s),
+                     "per_family": {str(f): round(float(o_flag[fams == f].mean()), 4) for f in sorted(set(fams.tolist()))}}
+    return out

@@ -33,22 +33,98 @@ def register_backbone(name: str, min_size: int = 32) -> Callable[[BackboneFactor
     return deco
 
 
-def build_backbone(name: str, channels: int = 3, pretrained: bool = False) -> tuple[nn.Module, int]:
-    """Return (module mapping (N, C, H, W) -> pooled features (N, D), D)."""
+def build_backbone(name: str, channels: int = 3, pretrained: bool | str | None = False) -> tuple[nn.Module, int]:
+    """Return (module mapping (N, C, H, W) -> pooled features (N, D), D). ``pretrained``: False / None / "" for
+    random weights, True or ``"imagenet"`` for torchvision's own weights (its weights API and cache,
+    ``TORCH_HOME``; downloaded once where there is a network), or a path to a local weights file."""
     if name not in BACKBONES:
         raise UnknownBackbone(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
-    return BACKBONES[name](channels, pretrained)
+    source = _pretrained_source(pretrained)
+    if source is None or source == "imagenet":
+        return BACKBONES[name](channels, source == "imagenet")
+    body, dim = BACKBONES[name](channels, False)
+    load_backbone_file(body, source)
+    return body, dim
 
 
-def check_pretrained(name: str) -> None:
-    """Fail early (before loading data) when ``--pretrained`` cannot be honoured offline."""
+def _pretrained_source(pretrained: bool | str | None) -> str | None:
+    if pretrained is None or pretrained is False or pretrained == "":
+        return None
+    if pretrained is True or str(pretrained).lower() == "imagenet":
+        return "imagenet"
+    return str(pretrained)
+
+
+def check_pretrained(name: str, pretrained: bool | str = True) -> None:
+    """Fail early (before loading data) when ``--pretrained`` cannot be honoured: an unknown or non-torchvision
+    backbone for ``imagenet``, a missing local file."""
     if name not in BACKBONES:
         raise UnknownBackbone(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
-    if name not in TORCHVISION_BACKBONES:
-        raise PretrainedUnavailable(f"backbone {name!r} has no pretrained weights; drop --pretrained")
-    _tv_weights(name, True)
+    source = _pretrained_source(pretrained)
+    if source == "imagenet" and name not in TORCHVISION_BACKBONES:
+        raise PretrainedUnavailable(f"backbone {name!r} has no ImageNet weights; drop --pretrained or pass a "
+                                    "weights file (--pretrained PATH)")
+    if source not in (None, "imagenet") and not Path(source).is_file():
+        raise PretrainedUnavailable(f"pretrained weights file {source} not found")
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A weights file as a flat dict: safetensors (never unpickled), or a torch file read with
+    ``weights_only=True`` (tensors only, what torchvision ships)."""
+    p = Path(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p), device="cpu")
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line for the user
+        raise PretrainedUnavailable(f"cannot read weights file {path}: {str(exc).splitlines()[0][:200]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise PretrainedUnavailable(f"weights file {path} holds no state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def adapt_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], rule: str = "sum") -> tuple[dict, list[str]]:
+    """The tensors of ``state`` that fit ``own`` (same name and shape); a first convolution with other input
+    channels is adapted (1 -> 3: ``rule`` "first" puts the grey filters on channel 0 and zeros elsewhere,
+    "mean" repeats them / 3; 3 -> 1: summed over RGB). Returns (loadable, skipped names)."""
+    out, skipped = {}, []
+    for k, v in state.items():
+        if k not in own:
+            skipped.append(k)
+            continue
+        want = own[k]
+        if want.shape == v.shape:
+            out[k] = v.to(want.dtype)
+        elif v.ndim == 4 and want.ndim == 4 and v.shape[0] == want.shape[0] and v.shape[2:] == want.shape[2:]:
+            if v.shape[1] == 1 and want.shape[1] == 3:
+                out[k] = (torch.cat([v, torch.zeros_like(v), torch.zeros_like(v)], 1) if rule == "first"
+                          else v.repeat(1, 3, 1, 1) / 3).to(want.dtype)
+            elif v.shape[1] == 3 and want.shape[1] == 1:
+                out[k] = v.sum(1, keepdim=True).to(want.dtype)
+            else:
+                skipped.append(k)
+        else:
+            skipped.append(k)
+    return out, skipped
+
+
+def load_backbone_file(body: nn.Module, path: str, rule: str = "sum") -> int:
+    """Load a local weights file into a backbone: torchvision-style keys, or a styletag checkpoint's
+    ``backbone.*`` tensors. Returns how many tensors were loaded; none is an error."""
+    state = _read_weights(path)
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    loadable, _ = adapt_state(body.state_dict(), state, rule)
+    if not loadable:
+        raise PretrainedUnavailable(f"weights file {path} has no tensor that fits this backbone")
+    body.load_state_dict(loadable, strict=False)
+    return len(loadable)
 
 
 # --------------------------------------------------------------------------- small-input ResNet
@@ -133,19 +209,29 @@ def _resnet_tiny(channels: int, pretrained: bool) -> tuple[nn.Module, int]:
 
 
 def _tv_weights(name: str, pretrained: bool):
-    """torchvision's default weights for ``name`` if asked for and already in the local cache."""
+    """torchvision's default weights for ``name`` through its weights API: the builder reads them from the
+    cache (``TORCH_HOME``/hub/checkpoints, under torchvision's own file name) or downloads them once."""
     if not pretrained:
         return None
     from torchvision.models import get_model_weights
 
-    weights = get_model_weights(name).DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not cached.is_file():
+    return get_model_weights(name).DEFAULT
+
+
+def _build_tv(name: str, pretrained: bool):
+    import torchvision.models as tvm
+
+    weights = _tv_weights(name, pretrained)
+    try:
+        return getattr(tvm, name)(weights=weights)
+    except Exception as exc:  # noqa: BLE001 - no network (URLError), a bad cached file (UnpicklingError, ...)
+        if weights is None:
+            raise
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise PretrainedUnavailable(
-            f"pretrained weights for {name} are not in the local cache ({cached}); "
-            "download them once with network access or train without --pretrained"
-        )
-    return weights
+            f"cannot load ImageNet weights for {name} ({str(exc).splitlines()[0][:160]}); with no network, put "
+            f"{Path(weights.url).name} into {cached.parent} (TORCH_HOME) or pass --pretrained PATH"
+        ) from None
 
 
 def _adapt_conv(conv: nn.Conv2d, channels: int) -> nn.Conv2d:
@@ -174,9 +260,7 @@ class _Pooled(nn.Module):
 
 def _resnet(name: str):
     def factory(channels: int, pretrained: bool) -> tuple[nn.Module, int]:
-        import torchvision.models as tvm
-
-        m = getattr(tvm, name)(weights=_tv_weights(name, pretrained))
+        m = _build_tv(name, pretrained)
         m.conv1 = _adapt_conv(m.conv1, channels)
         dim = m.fc.in_features
         m.fc = nn.Identity()
@@ -187,9 +271,7 @@ def _resnet(name: str):
 
 def _features_model(name: str, norm_from_classifier: bool = False):
     def factory(channels: int, pretrained: bool) -> tuple[nn.Module, int]:
-        import torchvision.models as tvm
-
-        m = getattr(tvm, name)(weights=_tv_weights(name, pretrained))
+        m = _build_tv(name, pretrained)
         first = m.features[0][0]
         m.features[0][0] = _adapt_conv(first, channels)
         if norm_from_classifier:  # convnext: LayerNorm2d + Flatten live in the classifier
@@ -203,10 +285,12 @@ def _features_model(name: str, norm_from_classifier: bool = False):
     return factory
 
 
-TORCHVISION_BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny")
+TORCHVISION_BACKBONES = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+                         "convnext_tiny")
 register_backbone("resnet18", 32)(_resnet("resnet18"))
 register_backbone("resnet50", 32)(_resnet("resnet50"))
 register_backbone("mobilenet_v3_small", 32)(_features_model("mobilenet_v3_small"))
+register_backbone("mobilenet_v3_large", 32)(_features_model("mobilenet_v3_large"))
 register_backbone("efficientnet_b0", 32)(_features_model("efficientnet_b0"))
 register_backbone("convnext_tiny", 32)(_features_model("convnext_tiny", norm_from_classifier=True))
 
@@ -251,7 +335,8 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def build_model(
-    backbone: str, n_coarse: int, n_fine: int, channels: int = 3, pretrained: bool = False, dropout: float = 0.0
+    backbone: str, n_coarse: int, n_fine: int, channels: int = 3, pretrained: bool | str | None = False,
+    dropout: float = 0.0,
 ) -> HierarchicalNet:
     body, dim = build_backbone(backbone, channels, pretrained)
     return HierarchicalNet(body, dim, n_coarse, n_fine, dropout)
