@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from worker.decode import decode_image
+from model.preprocess import decode_image
 
 
 class Images(Dataset):
-    def __init__(self, rows, size: int, channels: int):
-        self.rows, self.size, self.channels = rows, size, channels
+    def __init__(self, rows, spec):
+        self.rows, self.spec = rows, spec  # model.preprocess.PreprocessSpec of the checkpoint
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -34,7 +34,7 @@ class Images(Dataset):
         _pid, uri = self.rows[i]
         with open(unquote(urlsplit(uri).path), "rb") as fh:
             data = fh.read()
-        return decode_image(data, self.size, self.channels, 40_000_000), i
+        return decode_image(data, self.spec, 40_000_000), i
 
 
 def collate(items):
@@ -73,7 +73,7 @@ def main() -> None:
     with engine.connect() as conn:
         q = select(Product.id, Product.image_uri).order_by(Product.id)
         rows = conn.execute(q.limit(args.limit) if args.limit else q).all()
-    loader = DataLoader(Images(rows, predictor.input_size, predictor.channels), batch_size=args.batch,
+    loader = DataLoader(Images(rows, predictor.spec), batch_size=args.batch,
                         num_workers=args.workers, collate_fn=collate)
     styles, states = [], []
     now = datetime.now(UTC)

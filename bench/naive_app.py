@@ -52,13 +52,13 @@ def tag_one(product_id: int) -> None:
 
     from catalog.db import engine_for
     from catalog.schema import Product, ProductStyle, TagState
-    from worker.decode import decode_image
+    from model.preprocess import decode_image
 
     st = _setup()
     p, labels = st["predictor"], st["labels"]
     with Session(engine_for(st["url"])) as session:
         product = session.get(Product, product_id)
-        arr = decode_image(st["reader"].get(product.image_uri), p.input_size, p.channels, 40_000_000)
+        arr = decode_image(st["reader"].get(product.image_uri), p.spec, 40_000_000)
         pred = p.predict(arr[None])[0]
         now = datetime.now(UTC)
         tags = [(labels.coarse_ids[i], s, i == pred.primary_coarse) for i, s in pred.coarse_tags]

@@ -43,11 +43,15 @@ def fetch_rate(reader, uris: list[str], threads: int, repeats: int = 2) -> float
 
 
 def decode_rate(blobs: list[bytes], size: int, channels: int, *, draft: bool = True, threads: int = 1,
-                repeats: int = 2) -> float:
-    from worker.decode import decode_image
+                repeats: int = 2, spec=None) -> float:
+    """Images/s of ``model.preprocess.decode_image``: ``spec`` (a PreprocessSpec), else the legacy spec of
+    ``size`` and ``channels`` (a checkpoint without 'preprocess', e.g. the shipped one)."""
+    from model.preprocess import PreprocessSpec, decode_image
+
+    spec = spec or PreprocessSpec.from_checkpoint_meta({"channels": channels, "input_size": size})
 
     def one(b):
-        return decode_image(b, size, channels, 40_000_000, draft=draft)
+        return decode_image(b, spec, 40_000_000, draft=draft)
 
     if threads <= 1:
         def go():
@@ -183,8 +187,8 @@ def measure_bound_stages(kind: str, db_url: str, store_url: str, model: str, n: 
     images = model_images or max(settings.batch_size * 3, n // 2)
     rates = {
         "fetch": fetch_rate(reader, uris, threads),
-        "decode": max(decode_rate(blobs, predictor.input_size, predictor.channels, threads=threads),
-                      decode_rate(blobs, predictor.input_size, predictor.channels, threads=1)),
+        "decode": max(decode_rate(blobs, predictor.input_size, predictor.channels, threads=threads, spec=predictor.spec),
+                      decode_rate(blobs, predictor.input_size, predictor.channels, threads=1, spec=predictor.spec)),
         "model": model_rates(ctx, settings.batch_size, images)["best"],
         "write": write_rate(C.pg_database("styletag_bench_writes"), max(n, 1024), settings.batch_size)["retag"],
     }
@@ -230,13 +234,13 @@ def main(argv=None) -> int:
     jpg_blobs = [kinds["jpeg512"][0].get(u) for u in kinds["jpeg512"][1]]
     figs["bytes_per_image_png28"] = sum(map(len, png_blobs)) / len(png_blobs)
     figs["bytes_per_image_jpeg512"] = sum(map(len, jpg_blobs)) / len(jpg_blobs)
-    figs["decode_png28"] = decode_rate(png_blobs, size, ch, threads=threads)
-    figs["decode_png28_1thread"] = decode_rate(png_blobs, size, ch, threads=1)
-    figs["decode_jpeg512_draft"] = decode_rate(jpg_blobs, size, ch, threads=threads)
-    figs["decode_jpeg512_draft_1thread"] = decode_rate(jpg_blobs, size, ch, threads=1)
+    figs["decode_png28"] = decode_rate(png_blobs, size, ch, threads=threads, spec=predictor.spec)
+    figs["decode_png28_1thread"] = decode_rate(png_blobs, size, ch, threads=1, spec=predictor.spec)
+    figs["decode_jpeg512_draft"] = decode_rate(jpg_blobs, size, ch, threads=threads, spec=predictor.spec)
+    figs["decode_jpeg512_draft_1thread"] = decode_rate(jpg_blobs, size, ch, threads=1, spec=predictor.spec)
     few = jpg_blobs[: max(50, len(jpg_blobs) // 4)]
-    figs["decode_jpeg512_nodraft"] = decode_rate(few, size, ch, draft=False, threads=threads)
-    figs["decode_jpeg512_nodraft_1thread"] = decode_rate(few, size, ch, draft=False, threads=1)
+    figs["decode_jpeg512_nodraft"] = decode_rate(few, size, ch, draft=False, threads=threads, spec=predictor.spec)
+    figs["decode_jpeg512_nodraft_1thread"] = decode_rate(few, size, ch, draft=False, threads=1, spec=predictor.spec)
     C.log("decode: " + ", ".join(f"{k[7:]} {v:.0f}/s" for k, v in figs.items() if k.startswith("decode")))
 
     # S3 through a moto server subprocess

@@ -230,6 +230,17 @@ def out_of_distribution(coarse_logits: np.ndarray, fine_logits: np.ndarray, meta
     return flags
 
 
+def flagged_for_review(coarse_logits: np.ndarray, fine_logits: np.ndarray, meta: dict,
+                       images: np.ndarray | None = None) -> np.ndarray:
+    """True where serving holds the product for review, for either reason: out of distribution
+    (:func:`out_of_distribution`) or a review score under ``review_threshold`` (low confidence)."""
+    flags = out_of_distribution(coarse_logits, fine_logits, meta, images)
+    thr = meta.get("review_threshold")
+    if thr is not None:
+        flags = flags | (review_score(coarse_logits, fine_logits, meta) < float(thr))
+    return flags
+
+
 def served_scores(coarse_logits: np.ndarray, fine_logits: np.ndarray, meta: dict):
     """(coarse scores, fine scores) as the predictor serves them (temperatures applied, consistent
     decoding), in numpy: for evaluation without torch."""

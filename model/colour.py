@@ -14,6 +14,8 @@ a little of it (:data:`SHADOW_ALLOWANCE`) so shadows do not become foreground.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # name -> sRGB. Chosen to be far apart in Lab and to cover what a fashion catalogue's colour facet lists.
@@ -38,6 +40,10 @@ NAMES: tuple[str, ...] = tuple(PALETTE)
 L_WEIGHT = 0.6  # weight of lightness against chroma in the nearest-name match
 SHADOW_ALLOWANCE = 6.0  # Lab L units of darkening (at backdrop chroma) not counted as foreground
 FOREGROUND_DELTA_E = 10.0  # default distance above which a pixel is garment
+# dominant_colours votes on point samples at most this many px on the long side: on 300 rendered photos
+# decoded as the worker does (JPEG draft, 100-190 px), 128 named the same sets as 192 but one, for 3/4 of
+# the pixels (bench.preprocess --part colour)
+VOTE_SIDE = 128
 
 _M_RGB2XYZ = np.array(
     [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
@@ -77,8 +83,17 @@ def srgb_to_lab_fast(rgb: np.ndarray) -> np.ndarray:
         q = np.arange(64, dtype=np.uint8) * 4 + 2
         grid = np.stack(np.meshgrid(q, q, q, indexing="ij"), -1).reshape(-1, 3)
         _LAB_LUT = srgb_to_lab(grid)
-    r = np.asarray(rgb, dtype=np.uint8).astype(np.int32) >> 2
-    return _LAB_LUT[(r[..., 0] << 12) | (r[..., 1] << 6) | r[..., 2]]
+    return np.take(_LAB_LUT, _cell(rgb), axis=0)
+
+
+def _cell(rgb: np.ndarray) -> np.ndarray:
+    """uint8 sRGB [..., 3] -> the index of its 6-bit cell (r, g, b) in a 64**3 table (one np.take then
+    reads the table: 2.4x faster than indexing with int32 shifts)."""
+    q = np.asarray(rgb, dtype=np.uint8) >> 2
+    idx = q[..., 0].astype(np.intp) * 4096
+    idx += q[..., 1].astype(np.intp) * 64
+    idx += q[..., 2]
+    return idx
 
 
 def _shaded_palette() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,19 +159,34 @@ def _design(h: int, w: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], -1)
 
 
+_SMALL_SIDE = 96  # the backdrop is fitted at most this many px on the long side (_small)
+
+
+@functools.lru_cache(maxsize=128)
+def _band(h: int, w: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row, column and design matrix of the border band of width ``b`` of an (h, w) picture, row-major;
+    cached: the working sizes repeat (read-only arrays)."""
+    sel = np.zeros((h, w), dtype=bool)
+    sel[:b], sel[-b:], sel[:, :b], sel[:, -b:] = True, True, True, True
+    ys, xs = np.nonzero(sel)
+    a = _design(h, w, ys.astype(np.float64), xs.astype(np.float64))
+    for arr in (ys, xs, a):
+        arr.setflags(write=False)
+    return ys, xs, a
+
+
 def fit_backdrop(rgb: np.ndarray, band: float = 0.06) -> np.ndarray:
     """Coefficients [6, 3] of a quadratic backdrop surface, fitted to the border band of ``rgb`` (H, W, 3).
 
     Robust: two reweighting passes drop band pixels far from the fit (a garment or its shadow touching
     the border). Evaluate with :func:`backdrop_surface`."""
-    img = _small(rgb)
+    rgb = np.asarray(rgb)
+    small = max(rgb.shape[:2]) > _SMALL_SIDE
+    img = _small(rgb, _SMALL_SIDE) if small else rgb  # (_small would only convert: read the band alone)
     h, w = img.shape[:2]
-    b = max(1, int(round(band * min(h, w))))
-    sel = np.zeros((h, w), dtype=bool)
-    sel[:b], sel[-b:], sel[:, :b], sel[:, -b:] = True, True, True, True
-    ys, xs = np.nonzero(sel)
-    a = _design(h, w, ys.astype(np.float64), xs.astype(np.float64))
-    v = img[ys, xs, :3].astype(np.float64)
+    ys, xs, a = _band(h, w, max(1, int(round(band * min(h, w)))))
+    v = img[ys, xs, :3] if small else img[ys, xs, :3].astype(np.float32)
+    v = v.astype(np.float64)
     keep = np.ones(len(v), dtype=bool)
     coef = np.zeros((6, 3), dtype=np.float64)
     for _ in range(3):
@@ -194,11 +224,9 @@ def backdrop_colour(rgb: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(round(float(c))) for c in np.median(border, 0))
 
 
-def distance_from_backdrop(rgb: np.ndarray, coef: np.ndarray | None = None) -> np.ndarray:
-    """Per-pixel perceptual distance (Lab, ΔE76-like) from the fitted backdrop: float32 (H, W).
-
-    Darkening at the backdrop's own chroma (a soft shadow, a vignette the fit missed) is forgiven up to
-    :data:`SHADOW_ALLOWANCE` L units."""
+def backdrop_distance(rgb: np.ndarray, coef: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(distance, lab, backdrop_lab)``: :func:`distance_from_backdrop` with the two Lab maps it computed
+    on the way (the lab-delta representation needs them too: computed once, not twice)."""
     rgb = np.asarray(rgb)[..., :3]
     coef = fit_backdrop(rgb) if coef is None else coef
     lab = srgb_to_lab_fast(rgb)
@@ -206,7 +234,15 @@ def distance_from_backdrop(rgb: np.ndarray, coef: np.ndarray | None = None) -> n
     d = lab - bg
     dl = d[..., 0]
     dl = np.where(dl < 0, np.minimum(dl + SHADOW_ALLOWANCE, 0.0), dl)
-    return np.sqrt(dl * dl + d[..., 1] ** 2 + d[..., 2] ** 2)
+    return np.sqrt(dl * dl + d[..., 1] ** 2 + d[..., 2] ** 2), lab, bg
+
+
+def distance_from_backdrop(rgb: np.ndarray, coef: np.ndarray | None = None) -> np.ndarray:
+    """Per-pixel perceptual distance (Lab, ΔE76-like) from the fitted backdrop: float32 (H, W).
+
+    Darkening at the backdrop's own chroma (a soft shadow, a vignette the fit missed) is forgiven up to
+    :data:`SHADOW_ALLOWANCE` L units."""
+    return backdrop_distance(rgb, coef)[0]
 
 
 def foreground_mask(rgb: np.ndarray, threshold: float = FOREGROUND_DELTA_E) -> np.ndarray:
@@ -223,22 +259,53 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return m
 
 
+_NAME_LUT: np.ndarray | None = None  # palette index of every sRGB colour quantised to 6 bits a channel
+
+
+def name_table() -> np.ndarray:
+    """uint8 [64**3]: :func:`nearest_colour_index` (with shading) of the centre of every 6-bit sRGB cell.
+
+    Built on first use (about half a second, in chunks: 262,144 colours x 45 shaded palette entries) and
+    kept for the process: naming a garment's pixels is then one lookup each instead of 45 Lab distances
+    (10 ms -> 0.1 ms for a 100x125 px photo). Quantising by 4 levels a channel moves a colour by at most
+    2 levels, well inside a palette colour's region; measured on 300 rendered photos, the same names as the
+    exact match for all but one."""
+    global _NAME_LUT
+    if _NAME_LUT is None:
+        q = np.arange(64, dtype=np.uint8) * 4 + 2
+        grid = np.stack(np.meshgrid(q, q, q, indexing="ij"), -1).reshape(-1, 3)
+        lut = np.empty(len(grid), dtype=np.uint8)
+        for s in range(0, len(grid), 8192):
+            lut[s : s + 8192] = nearest_colour_index(srgb_to_lab(grid[s : s + 8192]))
+        _NAME_LUT = lut
+    return _NAME_LUT
+
+
+def colour_indices(rgb: np.ndarray) -> np.ndarray:
+    """uint8 sRGB [..., 3] -> index into :data:`NAMES` of each pixel's palette colour (through
+    :func:`name_table`)."""
+    return np.take(name_table(), _cell(rgb))
+
+
 def dominant_colours(
-    rgb: np.ndarray, max_colours: int = 2, mask: np.ndarray | None = None, min_share: float = 0.25
+    rgb: np.ndarray, max_colours: int = 2, mask: np.ndarray | None = None, min_share: float = 0.25,
+    coef: np.ndarray | None = None,
 ) -> list[tuple[str, float]]:
     """The garment's dominant palette colours, largest share first: ``[(name, share), ...]``.
 
     Shares are of the garment's pixels (its foreground, eroded by one pixel so the anti-aliased rim
     that mixes garment and backdrop does not vote). A second colour is reported only when it covers at
     least ``min_share``: shading and seams give every garment a few pixels of some other name.
+    ``coef``: a backdrop fit already made (:func:`fit_backdrop`, on this picture at any resolution: the
+    surface is in normalised coordinates), so the foreground is found without fitting again.
     Returns ``[]`` when there is no foreground."""
     rgb = np.asarray(rgb)[..., :3]
     # Vote on point samples, not averages: averaging the blue and yellow squares of a fine check makes
     # green. The backdrop is still fitted on averages (robust to noise and JPEG ringing).
-    step = max(1, int(np.ceil(max(rgb.shape[:2]) / 192)))
+    step = max(1, int(np.ceil(max(rgb.shape[:2]) / VOTE_SIDE)))
     pts = rgb[::step, ::step]
     if mask is None:
-        mask = distance_from_backdrop(pts, fit_backdrop(pts)) > FOREGROUND_DELTA_E
+        mask = distance_from_backdrop(pts, fit_backdrop(pts) if coef is None else coef) > FOREGROUND_DELTA_E
     else:
         mask = np.asarray(mask, dtype=bool)[::step, ::step]
     inner = _erode(mask)
@@ -246,7 +313,7 @@ def dominant_colours(
         mask = inner
     if not mask.any():
         return []
-    idx = nearest_colour_index(srgb_to_lab(pts[mask]))
+    idx = colour_indices(np.ascontiguousarray(pts)[mask])
     counts = np.bincount(idx, minlength=len(NAMES)).astype(np.float64)
     shares = counts / counts.sum()
     order = np.argsort(-shares, kind="stable")

@@ -68,6 +68,10 @@ def check_pretrained(name: str, pretrained: bool | str = True) -> None:
                                     "weights file (--pretrained PATH)")
     if source not in (None, "imagenet") and not Path(source).is_file():
         raise PretrainedUnavailable(f"pretrained weights file {source} not found")
+    if source == "imagenet":
+        # torchvision's weights API: from the cache (TORCH_HOME), downloaded once where there is a network;
+        # a machine without either is told so now, not after its dataset has been decoded
+        BACKBONES[name](3, True)
 
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:

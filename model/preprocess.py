@@ -12,7 +12,8 @@ centred so the backdrop is (0, 128, 128): the garment's shading and print surviv
 and ``mean``/``std``
 (applied later on tensors, ``model.data.to_input``). Its ``to_dict()`` goes into the checkpoint's JSON
 metadata under ``"preprocess"``; :meth:`PreprocessSpec.from_checkpoint_meta` maps older metadata without
-that key to the legacy spec, which reproduces ``worker.decode.decode_image`` byte for byte.
+that key to the legacy spec, which reproduces the worker's original decoder byte for byte
+(``tests/model/data/legacy_decode.json``: golden digests of its outputs).
 
 Decoding keeps everything the worker's decoder does: a whitelist of formats (PIL would otherwise try
 every plugin, EPS among them, which hands bytes to Ghostscript), the PNG CRC check (PIL skips it for
@@ -36,10 +37,10 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .colour import (
     FOREGROUND_DELTA_E,
+    backdrop_distance,
     backdrop_surface,
-    distance_from_backdrop,
+    dominant_colours,
     fit_backdrop,
-    srgb_to_lab_fast,
 )
 from .errors import BadImage
 
@@ -206,9 +207,28 @@ def _generic(exc: BaseException) -> DecodeError:
     return DecodeError(reason, f"cannot decode image: {msg[:200]}")
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """What :func:`decode` makes of one image: the model input and, when asked, the garment's colours."""
+
+    array: np.ndarray  # uint8 (input_size, input_size, channels): exactly decode_image's
+    # The garment's dominant palette colours, largest share first, with their share of its pixels; only
+    # when asked (``colours=True``) and only for photo specs (a legacy spec fits no backdrop and decodes
+    # grey): None otherwise, () when nothing stands out from the backdrop.
+    colours: tuple[tuple[str, float], ...] | None = None
+
+
 def decode_image(data: bytes, spec: PreprocessSpec, max_pixels: int, *, draft: bool = True) -> np.ndarray:
     """Bytes -> uint8 ``(input_size, input_size, channels)`` as ``spec`` says. One bad image raises
     :class:`DecodeError` (a :class:`BadImage`) and never fails the rest of its batch."""
+    return decode(data, spec, max_pixels, draft=draft).array
+
+
+def decode(data: bytes, spec: PreprocessSpec, max_pixels: int, *, draft: bool = True, colours: bool = False,
+           max_colours: int = 2, min_share: float = 0.25) -> Decoded:
+    """:func:`decode_image`, and with ``colours`` the garment's dominant colours (``model.colour``), named
+    against the backdrop fitted for the model input: one fit per image. The array never depends on
+    ``colours``: training (``decode_image``) and serving (``decode``) feed the network the same bytes."""
     size = spec.input_size
     if spec.is_legacy:
         mode = "L" if spec.channels == 1 else "RGB"
@@ -218,7 +238,7 @@ def decode_image(data: bytes, spec: PreprocessSpec, max_pixels: int, *, draft: b
         want = (spec.work_size, spec.work_size) if spec.foreground_crop else (size, size)
     img = open_image(data, max_pixels, (mode, want) if draft else None)
     try:
-        return preprocess_image(img, spec)
+        return _preprocess(img, spec, colours=max_colours if colours else 0, min_share=min_share)
     except DecodeError:
         raise
     except MemoryError:
@@ -229,6 +249,10 @@ def decode_image(data: bytes, spec: PreprocessSpec, max_pixels: int, *, draft: b
 
 def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """A decoded PIL image (any mode, oriented) -> uint8 ``(input_size, input_size, channels)``."""
+    return _preprocess(img, spec).array
+
+
+def _preprocess(img: Image.Image, spec: PreprocessSpec, *, colours: int = 0, min_share: float = 0.25) -> Decoded:
     size = spec.input_size
     if spec.is_legacy:
         img = to_mode(img, spec.channels)
@@ -237,7 +261,7 @@ def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         arr = np.asarray(img, dtype=np.uint8)
         if spec.representation == "invert":
             arr = 255 - arr
-        return arr[:, :, None] if arr.ndim == 2 else arr
+        return Decoded(arr[:, :, None] if arr.ndim == 2 else arr)
 
     rgb_img = to_mode(img, 3)
     # Analysis (backdrop fit, foreground, distance) at a small working size: cost independent of the photo.
@@ -250,17 +274,17 @@ def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     rgb = np.asarray(work, dtype=np.uint8)
     coef = fit_backdrop(rgb)
     needs_dist = spec.foreground_crop or spec.representation in ("distance", "lab-delta")
-    dist = distance_from_backdrop(rgb, coef) if needs_dist else None
+    dist = lab = bg_lab = None
+    if needs_dist:
+        dist, lab, bg_lab = backdrop_distance(rgb, coef)
 
     if spec.representation in ("distance", "lab-delta"):
         scale = max(float(np.percentile(dist, 99.5)), DISTANCE_FLOOR)
         plane = np.clip(dist * (255.0 / scale), 0, 255).astype(np.uint8)[..., None]
         pad_value: tuple[int, ...] = (0,)
         if spec.representation == "lab-delta":
-            lab = srgb_to_lab_fast(rgb)
-            bg = srgb_to_lab_fast(np.round(backdrop_surface(rgb, coef)).astype(np.uint8))
-            d_l = lab[..., 0] - bg[..., 0]
-            d_c = np.hypot(lab[..., 1], lab[..., 2]) - np.hypot(bg[..., 1], bg[..., 2])
+            d_l = lab[..., 0] - bg_lab[..., 0]
+            d_c = np.hypot(lab[..., 1], lab[..., 2]) - np.hypot(bg_lab[..., 1], bg_lab[..., 2])
             extra = np.clip(128 + DELTA_GAIN * np.stack([d_l, d_c], -1), 0, 255).astype(np.uint8)
             plane = np.concatenate([plane, extra], -1)
             pad_value = (0, 128, 128)
@@ -284,7 +308,35 @@ def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         out = np.repeat(out, 3, axis=2)
     elif spec.channels == 1 and out.shape[2] == 3:
         out = np.asarray(Image.fromarray(out, "RGB").convert("L"), dtype=np.uint8)[..., None]
-    return np.ascontiguousarray(out)
+    out = np.ascontiguousarray(out)
+    if not colours:
+        return Decoded(out)
+    # Named on the decoded picture (before the reduction to the working size: point samples of the garment,
+    # not averages of its pattern), against the backdrop already fitted (its surface is in normalised
+    # coordinates, so the fit holds at any resolution).
+    found = dominant_colours(np.asarray(rgb_img, dtype=np.uint8), colours, min_share=min_share, coef=coef)
+    return Decoded(out, tuple(found))
+
+
+def to_tensor(batch, spec: PreprocessSpec, device=None, channels_last: bool = False):
+    """uint8 NHWC images (numpy or torch, as :func:`decode_image` makes them) -> the network's input:
+    float32 NCHW on ``device``, at ``spec.input_size``, normalised by ``spec.mean`` / ``spec.std``
+    (``model.data.to_input``). Training and the predictor both call this (torch is imported here only)."""
+    import torch
+
+    from .data import fit_channels, to_input
+
+    if isinstance(batch, torch.Tensor):
+        x = batch
+    else:
+        arr = np.ascontiguousarray(batch, dtype=np.uint8)
+        x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    x = fit_channels(x.to(device or x.device, non_blocking=True), spec.channels)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device)
+    return to_input(x, mean, std, spec.input_size, channels_last)
 
 
 def foreground_box(dist: np.ndarray, threshold: float = FOREGROUND_DELTA_E) -> tuple[int, int, int, int] | None:

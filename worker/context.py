@@ -106,10 +106,17 @@ class WorkerContext:
     def _with_labels(self, loaded: LoadedModel) -> LoadedModel:
         if loaded.labels is None:
             from catalog.db import session_scope
-            from catalog.labels import sync_labels
+            from catalog.labels import label_map, sync_colour_labels, sync_labels
 
+            taxonomy = loaded.predictor.taxonomy
+            colours = getattr(loaded.predictor, "colours", None)  # model.predictor.ColourTagging or None
             with session_scope(self.settings.database_url) as session:
-                loaded.labels = sync_labels(session, loaded.predictor.taxonomy)
+                labels = sync_labels(session, taxonomy)
+                if colours is not None and any(("colour", n) not in labels.by_name for n in colours.palette):
+                    # the palette's names become the taxonomy's colour labels (added, never removed)
+                    sync_colour_labels(session, taxonomy.name, list(colours.palette))
+                    labels = label_map(session, taxonomy.name, expect=taxonomy)
+                loaded.labels = labels
         return loaded
 
     def model(self, version: str | None = None) -> LoadedModel:

@@ -46,6 +46,9 @@ class Prepared:
     fetch_s: float
     decode_s: float
     wall_s: float
+    # per item of ``items``: the garment's colours the preprocessing named (model.preprocess.Decoded.colours;
+    # None when the model tags no colours)
+    colours: list = field(default_factory=list)
 
 
 @dataclass
@@ -135,6 +138,21 @@ class Pipeline:
         self.review_threshold = _threshold(getattr(self.predictor, "review_threshold", None),
                                            meta.get("review_threshold"))
         self.ood_threshold = _threshold(getattr(self.predictor, "ood_threshold", None), meta.get("ood_threshold"))
+        # The one preprocessing (model.preprocess), as the serving checkpoint defines it: what training fed
+        # the network. Colour tags
+        # (model.predictor.ColourTagging) come from the same decode, the backdrop fitted once per image.
+        from model.preprocess import PreprocessSpec
+
+        self.spec = getattr(self.predictor, "spec", None) or PreprocessSpec.from_checkpoint_meta(meta)
+        self.colours = getattr(self.predictor, "colours", None)
+        self.colour_ids: dict[str, int] = {}
+        if self.colours is not None:
+            by_name = getattr(self.labels, "by_name", {})
+            self.colour_ids = {n: by_name[("colour", n)] for n in self.colours.palette if ("colour", n) in by_name}
+            if len(self.colour_ids) < len(self.colours.palette):  # a bare context that did not sync them
+                log.warning("catalog lacks colour labels %s of taxonomy %s: those colours are not tagged",
+                            sorted(set(self.colours.palette) - set(self.colour_ids)),
+                            getattr(self.labels, "taxonomy", "?"))
         self.reader = ctx.reader
         self.lookahead = lookahead
         self.model_threads = max(1, int(getattr(ctx, "model_threads", 1) or 1))
@@ -160,8 +178,9 @@ class Pipeline:
         return cls(ctx, model_version=version, shadow=kind == "shadow", **kwargs)
 
     # -- stages ---------------------------------------------------------------------------------
-    def _fetch_decode(self, item: Item) -> tuple[np.ndarray | None, BaseException | None, float, float]:
-        from worker.decode import decode_image
+    def _fetch_decode(self, item: Item) -> tuple[object | None, BaseException | None, float, float]:
+        """(model.preprocess.Decoded or None, the item's error or None, fetch seconds, decode seconds)."""
+        from model.preprocess import decode
 
         t0 = time.perf_counter()
         try:
@@ -172,14 +191,15 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - one item's failure is that item's failure, never its batch's
             return None, exc, time.perf_counter() - t0, 0.0
         t1 = time.perf_counter()
-        p = self.predictor
+        c = self.colours
         with self._decoders:  # the wait for a free core counts as neither stage
             t2 = time.perf_counter()
             try:
-                arr = decode_image(data, p.input_size, p.channels, self.settings.max_image_pixels)
+                decoded = decode(data, self.spec, self.settings.max_image_pixels, colours=c is not None,
+                                 max_colours=c.max_colours if c else 2, min_share=c.min_share if c else 0.25)
             except Exception as exc:  # noqa: BLE001 - BadImage, or anything a decoder raises on one image
                 return None, exc, t1 - t0, time.perf_counter() - t2
-            return arr, None, t1 - t0, time.perf_counter() - t2
+            return decoded, None, t1 - t0, time.perf_counter() - t2
 
     def prepare(self, ids: list[int], pool: ThreadPoolExecutor) -> Prepared:
         t0 = time.perf_counter()
@@ -187,15 +207,16 @@ class Pipeline:
         results = list(pool.map(self._fetch_decode, items))
         # What the worker read is what it records: the fetched version, else the catalog's (nothing read).
         items = [replace(it, image_version=self._versions.pop(it.product_id, it.image_version)) for it in items]
-        ok_items, arrays, failures = [], [], []
+        ok_items, arrays, colours, failures = [], [], [], []
         transient = 0
         fetch_s = decode_s = 0.0
-        for item, (arr, exc, fs, ds) in zip(items, results, strict=True):
+        for item, (dec, exc, fs, ds) in zip(items, results, strict=True):
             fetch_s += fs
             decode_s += ds
             if exc is None:
                 ok_items.append(item)
-                arrays.append(arr)
+                arrays.append(dec.array)
+                colours.append(dec.colours)
             else:
                 transient += isinstance(exc, TransientStorageError)
                 message = str(exc) if isinstance(exc, StorageError | BadImage) else f"{exc.__class__.__name__}: {exc}"
@@ -203,7 +224,7 @@ class Pipeline:
         if items and transient == len(items):
             # The store is down, not the images: let the task retry with backoff.
             raise TransientStorageError(f"all {transient} images of the batch unreachable: {failures[0].error}")
-        return Prepared(ok_items, arrays, failures, transient, fetch_s, decode_s, time.perf_counter() - t0)
+        return Prepared(ok_items, arrays, failures, transient, fetch_s, decode_s, time.perf_counter() - t0, colours)
 
     MIN_SLICE = 8  # images per model thread below which splitting a batch costs more than it gains
 
@@ -211,6 +232,7 @@ class Pipeline:
         """``predictor.predict`` over the batch; on a CPU device split into up to ``model_threads``
         slices that run concurrently (torch releases the GIL inside each operator). Per-image results do
         not depend on the split: the model is in eval mode."""
+
         k = min(self.model_threads, len(batch) // self.MIN_SLICE)
         if k <= 1:
             return self.predictor.predict(batch)
@@ -233,11 +255,16 @@ class Pipeline:
             return [], 0.0
         t0 = time.perf_counter()
         preds = self.predict(np.stack(prepared.arrays))
-        coarse_ids, fine_ids = self.labels.coarse_ids, self.labels.fine_ids
+        coarse_ids, fine_ids, colour_ids = self.labels.coarse_ids, self.labels.fine_ids, self.colour_ids
+        colours = prepared.colours or [None] * len(preds)
         tagged = []
-        for item, pred in zip(prepared.items, preds, strict=True):
+        for item, pred, found in zip(prepared.items, preds, colours, strict=True):
             tags = [Tag(coarse_ids[i], float(s), i == pred.primary_coarse) for i, s in pred.coarse_tags]
             tags += [Tag(fine_ids[i], float(s), i == pred.primary_fine) for i, s in pred.fine_tags]
+            if colour_ids and found:
+                # score: the colour's share of the garment's pixels; primary: the largest
+                named = [(colour_ids[n], share) for n, share in found if n in colour_ids]
+                tags += [Tag(lid, share, k == 0) for k, (lid, share) in enumerate(named)]
             confidence, reason = self.review(pred)
             tagged.append(ProductTags(item.product_id, item.image_version, tags, confidence, reason))
         return tagged, time.perf_counter() - t0

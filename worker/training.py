@@ -205,7 +205,6 @@ _W: dict = {}
 
 
 def _init_decoder(settings: Settings, spec_dict: dict) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from catalog.storage import ImageReader
     from model.preprocess import PreprocessSpec
 
@@ -214,15 +213,22 @@ def _init_decoder(settings: Settings, spec_dict: dict) -> None:
     _W["max_pixels"] = settings.max_image_pixels
 
 
-def _decode_chunk(job: list[tuple[int, str]]) -> list[tuple[int, np.ndarray | None, str | None]]:
+def _info(d) -> list:
+    """What the preprocessing's analysis saw (``model.preprocess.Decoded``): ["colour|colour"] (the dominant
+    colours the worker tags), as the cache stores it."""
+    return ["|".join(n for n, _ in (d.colours or ()))]
+
+
+def _decode_chunk(job: list[tuple[int, str]]) -> list[tuple[int, np.ndarray | None, object]]:
     from catalog.errors import failure_reason
-    from model.preprocess import decode_image
+    from model.preprocess import decode
 
     out = []
     for i, uri in job:
         try:
             data = _W["reader"].fetch(uri).data
-            out.append((i, decode_image(data, _W["spec"], _W["max_pixels"]), None))
+            d = decode(data, _W["spec"], _W["max_pixels"], colours=not _W["spec"].is_legacy)
+            out.append((i, d.array, _info(d)))
         except Exception as exc:  # noqa: BLE001 - one image's failure is that image's, counted by reason
             out.append((i, None, failure_reason(exc)))
     return out
@@ -256,44 +262,62 @@ def _pool_map(fn, jobs: list, procs: int, initializer, initargs, *, total: int, 
     return results
 
 
-def _save_cache(folder: Path, name: str, arrays: np.ndarray, keys: list[str]) -> None:
+def _save_cache(folder: Path, name: str, arrays: np.ndarray, keys: list[str], infos: list[list]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.tmp.npy"
     np.save(tmp, arrays)
     os.replace(tmp, folder / f"{name}.npy")
     tmpk = folder / f".{name}.keys.tmp"
-    tmpk.write_text(json.dumps(keys))
+    tmpk.write_text(json.dumps([[k, *info] for k, info in zip(keys, infos, strict=True)]))
     os.replace(tmpk, folder / f"{name}.keys.json")
 
 
-def _load_cache(folder: Path, name: str) -> tuple[np.ndarray | None, dict[str, int]]:
+def _load_cache(folder: Path, name: str) -> tuple[np.ndarray | None, dict[str, int], list[list]]:
     try:
-        keys = json.loads((folder / f"{name}.keys.json").read_text())
+        rows = json.loads((folder / f"{name}.keys.json").read_text())
         arr = np.load(folder / f"{name}.npy", mmap_mode="r")
     except (OSError, ValueError):
-        return None, {}
-    if len(keys) != len(arr):
-        return None, {}
-    return arr, {k: i for i, k in enumerate(keys)}
+        return None, {}, []
+    if len(rows) != len(arr):
+        return None, {}, []
+    return arr, {r[0]: i for i, r in enumerate(rows)}, [list(r[1:]) for r in rows]
+
+
+@dataclass
+class Analysis:
+    """Per image, what the preprocessing's analysis saw: the dominant colours the worker would tag
+    (``model.preprocess.decode(..., colours=True)``)."""
+
+    colours: list[list[str]]
+
+    def subset(self, mask: np.ndarray) -> Analysis:
+        return Analysis([self.colours[i] for i in np.nonzero(mask)[0]])
+
+
+def _analysis(infos: list[list]) -> Analysis:
+    return Analysis([i[0].split("|") if i and i[0] else [] for i in infos])
 
 
 def decode_images(settings: Settings, uris: Sequence[str], versions: Sequence[str | None], spec, *,
-                  procs: int = 2, progress: bool = True, name: str = "catalog") -> tuple[np.ndarray, np.ndarray, Counter]:
-    """(uint8 [N, S, S, C] in the order given, ok mask [N], failure reasons) of the catalog images, through
-    the cache: an image whose (URI, catalog version) was decoded before with the same spec is not read again.
-    A failed image's row is zeros and ``ok`` False."""
+                  procs: int = 2, progress: bool = True,
+                  name: str = "catalog") -> tuple[np.ndarray, np.ndarray, Counter, Analysis]:
+    """(uint8 [N, S, S, C] in the order given, ok mask [N], failure reasons, the analysis of each image) of
+    the catalog images, through the cache: an image whose (URI, catalog version) was decoded before with
+    the same spec is not read again. A failed image's row is zeros and ``ok`` False."""
     folder = cache_dir(settings) / spec_digest(spec)
     keys = [f"{u}\t{v or ''}" for u, v in zip(uris, versions, strict=True)]
-    old, where = _load_cache(folder, name)
+    old, where, old_info = _load_cache(folder, name)
     shape = (spec.input_size, spec.input_size, spec.channels)
     out = np.zeros((len(keys), *shape), dtype=np.uint8)
     ok = np.zeros(len(keys), dtype=bool)
+    infos: list[list] = [[] for _ in keys]
     todo: list[tuple[int, str]] = []
     for i, k in enumerate(keys):
         j = where.get(k)
         if j is not None and old is not None:
             out[i] = old[j]
             ok[i] = True
+            infos[i] = old_info[j]
         else:
             todo.append((i, uris[i]))
     reasons: Counter = Counter()
@@ -301,37 +325,40 @@ def decode_images(settings: Settings, uris: Sequence[str], versions: Sequence[st
         jobs = [todo[s : s + CHUNK] for s in range(0, len(todo), CHUNK)]
         results = _pool_map(_decode_chunk, jobs, procs, _init_decoder, (settings, spec.to_dict()), total=len(todo),
                             desc=f"decode {name}", progress=progress)
-        for i, arr, reason in results:
+        for i, arr, info in results:
             if arr is None:
-                reasons[reason] += 1
+                reasons[info] += 1
             else:
                 out[i] = arr
                 ok[i] = True
+                infos[i] = info
         # keep what was cached before (other catalogs' images share the file) plus what is new
         keep_keys = [k for i, k in enumerate(keys) if ok[i]]
+        keep_infos = [infos[i] for i in range(len(keys)) if ok[i]]
         keep = out[ok]
         if old is not None:
-            extra = [k for k in where if k not in set(keep_keys)]
+            have = set(keep_keys)
+            extra = [k for k in where if k not in have]
             if extra:
                 keep = np.concatenate([keep, np.stack([old[where[k]] for k in extra])])
                 keep_keys += extra
-        _save_cache(folder, name, keep, keep_keys)
-    return out, ok, reasons
+                keep_infos += [old_info[where[k]] for k in extra]
+        _save_cache(folder, name, keep, keep_keys, keep_infos)
+    return out, ok, reasons, _analysis(infos)
 
 
 # --------------------------------------------------------------------------- generated non-garments
 
 
 def _init_outliers(spec_dict: dict) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from model.preprocess import PreprocessSpec
 
     _W["spec"] = PreprocessSpec.from_dict(spec_dict)
 
 
-def _outlier_chunk(job: tuple[tuple[str, ...], int, int, int]) -> list[tuple[int, np.ndarray, str]]:
+def _outlier_chunk(job: tuple[tuple[str, ...], int, int, int]) -> list[tuple[int, np.ndarray, str, list]]:
     from model.outliers import render_outlier
-    from model.preprocess import decode_image
+    from model.preprocess import decode
 
     families, seed, start, stop = job
     out = []
@@ -340,7 +367,8 @@ def _outlier_chunk(job: tuple[tuple[str, ...], int, int, int]) -> list[tuple[int
         o = render_outlier(rng, families=families)
         buf = io.BytesIO()
         o.image.save(buf, "JPEG", quality=int(rng.integers(75, 96)))
-        out.append((i, decode_image(buf.getvalue(), _W["spec"], 40_000_000), o.family))
+        d = decode(buf.getvalue(), _W["spec"], 40_000_000)
+        out.append((i, d.array, o.family, _info(d)))
     return out
 
 
@@ -352,34 +380,35 @@ def _source_digest(*modules: str) -> str:
 
 
 def generated_outliers(settings: Settings, spec, n: int, families: Sequence[str], seed: int, *, procs: int = 2,
-                       progress: bool = True) -> tuple[np.ndarray, list[str]]:
+                       progress: bool = True) -> tuple[np.ndarray, list[str], Analysis]:
     """``n`` non-garment images of ``families`` (item i from ``default_rng([7, seed, i])``), JPEG-encoded
-    and decoded with ``spec``, as uint8 arrays with their family names; cached per spec, families, seed and
-    the generator's source."""
+    and decoded with ``spec``, as uint8 arrays with their family names and analysis; cached per spec,
+    families, seed and the generator's source."""
     shape = (spec.input_size, spec.input_size, spec.channels)
     if n <= 0:
-        return np.zeros((0, *shape), np.uint8), []
+        return np.zeros((0, *shape), np.uint8), [], _analysis([])
     families = tuple(families)
     tag = hashlib.sha256(json.dumps([families, seed, n, _source_digest("model.outliers", "model.render")])
                          .encode()).hexdigest()[:12]
     folder = cache_dir(settings) / spec_digest(spec)
     name = f"outliers-{tag}"
-    arr, where = _load_cache(folder, name)
+    arr, where, infos = _load_cache(folder, name)
     if arr is not None and len(arr) == n:
-        return np.asarray(arr), [k.split("\t", 1)[1] for k, _ in sorted(where.items(), key=lambda kv: kv[1])]
+        return (np.asarray(arr), [k.split("\t", 1)[1] for k, _ in sorted(where.items(), key=lambda kv: kv[1])],
+                _analysis(infos))
     jobs = [(families, seed, s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
     results = sorted(_pool_map(_outlier_chunk, jobs, procs, _init_outliers, (spec.to_dict(),), total=n,
                                desc="render non-garments", progress=progress), key=lambda r: r[0])
     images = np.stack([r[1] for r in results])
     names = [r[2] for r in results]
-    _save_cache(folder, name, images, [f"{i}\t{f}" for i, f in enumerate(names)])
-    return images, names
+    infos = [r[3] for r in results]
+    _save_cache(folder, name, images, [f"{i}\t{f}" for i, f in enumerate(names)], infos)
+    return images, names, _analysis(infos)
 
 
 def _robust_chunk(job: tuple[int, int, str | None]) -> list[tuple]:
-    from model.colour import dominant_colours
     from model.fmnist import load_split
-    from model.preprocess import decode_image, open_image
+    from model.preprocess import decode
     from model.render import ROBUST_STYLE, render_photo
 
     start, stop, source = job
@@ -391,69 +420,30 @@ def _robust_chunk(job: tuple[int, int, str | None]) -> list[tuple]:
         p = render_photo(_W["fmnist"][i], rng, **ROBUST_STYLE)
         buf = io.BytesIO()
         p.image.save(buf, "JPEG", quality=int(rng.integers(70, 96)))
-        data = buf.getvalue()
-        rgb = np.asarray(open_image(data, 40_000_000, ("RGB", (256, 256))).convert("RGB"))
-        got = [n for n, _ in dominant_colours(_small_rgb(rgb))]
-        out.append((i, decode_image(data, _W["spec"], 40_000_000), tuple(p.colours), got))
+        d = decode(buf.getvalue(), _W["spec"], 40_000_000, colours=True)
+        out.append((i, d.array, tuple(p.colours), _info(d)))
     return out
-
-
-def _small_rgb(rgb: np.ndarray, side: int = 192) -> np.ndarray:
-    from PIL import Image
-
-    im = Image.fromarray(rgb)
-    im.thumbnail((side, side))
-    return np.asarray(im)
 
 
 def robust_fashion_mnist(spec, n: int, *, source: str | None = None, procs: int = 2, progress: bool = True):
     """The first ``n`` Fashion-MNIST *test* items rendered by a deliberately different renderer
     (``model.render.ROBUST_STYLE``, other seeds, JPEG quality 70-95), decoded with ``spec``: (uint8 inputs,
-    Fashion-MNIST labels, true colours, ``dominant_colours`` of each photo)."""
+    Fashion-MNIST labels, true colours, the analysis: frame and colours as the worker sees them)."""
     from model.fmnist import load_split
 
     labels = load_split("test", source)[1][:n].astype(np.int64)
     jobs = [(s, min(s + CHUNK, n), source) for s in range(0, n, CHUNK)]
     results = sorted(_pool_map(_robust_chunk, jobs, procs, _init_outliers, (spec.to_dict(),), total=n,
                                desc="render robust test", progress=progress), key=lambda r: r[0])
-    return np.stack([r[1] for r in results]), labels, [r[2] for r in results], [r[3] for r in results]
+    return np.stack([r[1] for r in results]), labels, [r[2] for r in results], _analysis([r[3] for r in results])
 
 
 # --------------------------------------------------------------------------- colour truth vs prediction
 
 
-def _colour_chunk(job: list[tuple[int, str]]) -> list[tuple[int, list[str] | None]]:
-    from model.colour import dominant_colours
-    from model.preprocess import open_image
-
-    out = []
-    for i, uri in job:
-        try:
-            data = _W["reader"].fetch(uri).data
-            img = open_image(data, _W["max_pixels"], ("RGB", (256, 256)))
-            out.append((i, [n for n, _ in dominant_colours(_small_rgb(np.asarray(img.convert("RGB"))))]))
-        except Exception:  # noqa: BLE001 - an unreadable image has no colour; counted as a miss
-            out.append((i, None))
-    return out
-
-
-def predicted_colours(settings: Settings, uris: Sequence[str], *, procs: int = 2,
-                      progress: bool = True) -> list[list[str] | None]:
-    """``model.colour.dominant_colours`` of each catalog image (read through the worker's reader)."""
-    from model.preprocess import PreprocessSpec
-
-    todo = list(enumerate(uris))
-    jobs = [todo[s : s + CHUNK] for s in range(0, len(todo), CHUNK)]
-    results = _pool_map(_colour_chunk, jobs, procs, _init_decoder, (settings, PreprocessSpec().to_dict()),
-                        total=len(todo), desc="colours", progress=progress)
-    got: list[list[str] | None] = [None] * len(uris)
-    for i, names in results:
-        got[i] = names
-    return got
-
-
 def colour_report(truth: Sequence[Sequence[str]], predicted: Sequence[Sequence[str] | None]) -> dict:
-    """Primary colour accuracy (first predicted = first true), exact set match, and any-overlap rate, over
+    """The colours the worker tags (``model.preprocess.decode(..., colours=True)``) against the truth: primary
+    colour accuracy (first predicted = first true), exact set match, and any-overlap rate, over
     the items that have colour truth."""
     pairs = [(list(t), p or []) for t, p in zip(truth, predicted, strict=True) if t]
     n = len(pairs)

@@ -61,7 +61,6 @@ def evaluate_from_catalog(checkpoint: Path, *, taxonomy_name: str | None = None,
         decode_images,
         generated_outliers,
         load_catalog_set,
-        predicted_colours,
     )
 
     settings = Settings.from_env()
@@ -84,10 +83,11 @@ def evaluate_from_catalog(checkpoint: Path, *, taxonomy_name: str | None = None,
         raise StyletagError(f"the {split_name} split of taxonomy {cat_tax.name!r} is empty under the rule "
                             f"{rule.to_dict()}; pass --split-rule / --test-match for this catalog")
     t0 = time.time()
-    images, ok, reasons = decode_images(settings, [data.uris[i] for i in idx], [data.versions[i] for i in idx], spec,
-                                        procs=procs, progress=progress)
+    images, ok, reasons, analysis = decode_images(settings, [data.uris[i] for i in idx],
+                                                  [data.versions[i] for i in idx], spec, procs=procs, progress=progress)
     keep = idx[ok]
     images = images[ok]
+    analysis = analysis.subset(ok)
     logits, model_s = _logits(model, images, data.coarse[keep], data.fine[keep], meta, spec, dev, batch_size)
     acc, m = _accuracy(tax, logits, decoding)
     report: dict = {
@@ -103,7 +103,8 @@ def evaluate_from_catalog(checkpoint: Path, *, taxonomy_name: str | None = None,
     if outliers > 0:
         for name, fams, seed in (("non_garments_train_families", TRAIN_FAMILIES, 3),
                                  ("non_garments_held_out_families", HELD_OUT_FAMILIES, 4)):
-            o_img, o_fam = generated_outliers(settings, spec, outliers, fams, seed=seed, procs=procs, progress=progress)
+            o_img, o_fam, _ = generated_outliers(settings, spec, outliers, fams, seed=seed, procs=procs,
+                                                    progress=progress)
             z = np.zeros(len(o_img), np.int64)
             ol, _ = _logits(model, o_img, z, z, meta, spec, dev, batch_size)
             sets[name] = (ol["coarse_logits"], ol["fine_logits"], o_img, o_fam)
@@ -111,8 +112,7 @@ def evaluate_from_catalog(checkpoint: Path, *, taxonomy_name: str | None = None,
     if colour:
         truth = [data.colours[i] for i in keep]
         if any(truth):
-            got = predicted_colours(settings, [data.uris[i] for i in keep], procs=procs, progress=progress)
-            report["colour"] = colour_report(truth, got)
+            report["colour"] = colour_report(truth, analysis.colours)
         else:
             report["colour"] = {"n": 0, "note": "no colour truth in this catalog"}
     if robust_fmnist:
@@ -138,8 +138,8 @@ def _robust(model, meta, tax, spec, dev, n, source, batch_size, decoding, procs,
     if missing:
         raise StyletagError(f"--robust-fmnist needs the Fashion-MNIST classes in the checkpoint's taxonomy "
                             f"(missing {missing[0]!r})")
-    images, labels, colours_true, colours_got = robust_fashion_mnist(spec, n, source=source, procs=procs,
-                                                                     progress=progress)
+    images, labels, colours_true, analysis = robust_fashion_mnist(spec, n, source=source, procs=procs,
+                                                                  progress=progress)
     fine = np.array([tax.fine.labels.index(CLASSES[k]) for k in labels], dtype=np.int64)
     coarse = np.array([tax.parents[f][0] for f in fine], dtype=np.int64)
     logits, _ = _logits(model, images, coarse, fine, meta, spec, dev, batch_size)
@@ -149,7 +149,7 @@ def _robust(model, meta, tax, spec, dev, n, source, batch_size, decoding, procs,
             "calibration": {k: v for k, v in calibration_report(tax, logits, meta).items()
                             if not k.startswith("reliability")},
             "review": review_report(tax, logits, meta, images, {}),
-            "colour": colour_report(colours_true, colours_got)}
+            "colour": colour_report(colours_true, analysis.colours)}
 
 
 def _pct(v) -> str:

@@ -101,7 +101,7 @@ def clear_tags_cmd(sku, level, as_json) -> None:
 
 @click.command("find")
 @click.option("--style", required=True, help="Style name, e.g. sneaker or shoes.")
-@click.option("--level", type=click.Choice(["coarse", "fine"]), default=None)
+@click.option("--level", type=click.Choice(["coarse", "fine", "colour"]), default=None)
 @click.option("--min-score", type=Score(0, 1), default=0.0, show_default=True)
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--after", default=None, help="Cursor from the previous page (next_cursor).")

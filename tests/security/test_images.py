@@ -1,6 +1,7 @@
 """Issue 6, item 7: broken and hostile images.
 
-Directly (``worker.decode.decode_image``) and end to end through the real pipeline, inline on PostgreSQL
+Directly (``model.preprocess.decode_image`` with the legacy spec the shipped checkpoint serves with, and
+``model.preprocess.decode`` with a photo spec and colours) and end to end through the real pipeline, inline on PostgreSQL
 and through a real Celery worker: valid images are tagged (EXIF rotation applied), invalid ones are
 recorded as failed with a specific reason, the worker never crashes, and the decompression bombs are
 refused on their declared size, before any pixel is allocated.
@@ -17,23 +18,38 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from model.preprocess import DecodeError, PreprocessSpec, decode
+from model.preprocess import decode_image as _decode_image
 from tests.security.corpus import BOMB_SIDE, corpus, exif_rotated_jpeg, png_bomb
 from tests.support.security import MAX_IMAGE_BYTES, WORKER_PEAK_BOUND_KIB, vm_hwm_kib
-from worker.decode import DecodeError, decode_image
 
 MAX_PIXELS = 40_000_000  # the default STYLETAG_MAX_IMAGE_PIXELS
 DECODE_CASES = [s for s in corpus(MAX_IMAGE_BYTES) if s.expect != "too_large"]  # the size limit is the reader's
+PHOTO_SPEC = PreprocessSpec(channels=3, input_size=28, fit="pad", foreground_crop=True, representation="lab-delta")
 
 
-@pytest.mark.parametrize("channels", [1, 3])
+def decode_image(data: bytes, size: int, channels: int, max_pixels: int):
+    """The legacy spec of a checkpoint without 'preprocess' (the shipped one): stretched, as-is."""
+    return _decode_image(data, PreprocessSpec.from_checkpoint_meta({"channels": channels, "input_size": size}),
+                         max_pixels)
+
+
+@pytest.mark.parametrize("channels", [1, 3, "photo"])
 @pytest.mark.parametrize("sample", DECODE_CASES, ids=lambda s: s.name)
 def test_decode_gives_an_array_or_a_specific_reason(sample, channels):
+    def run():
+        if channels == "photo":  # backdrop fit, foreground crop, lab-delta and colours
+            d = decode(sample.data, PHOTO_SPEC, MAX_PIXELS, colours=True)
+            assert d.colours is not None and all(0 < share <= 1 for _, share in d.colours)
+            return d.array
+        return decode_image(sample.data, 28, channels, MAX_PIXELS)
+
     if sample.expect == "tagged":
-        arr = decode_image(sample.data, 28, channels, MAX_PIXELS)
-        assert arr.shape == (28, 28, channels) and arr.dtype == np.uint8
+        arr = run()
+        assert arr.shape == (28, 28, 3 if channels == "photo" else channels) and arr.dtype == np.uint8
     else:
         with pytest.raises(DecodeError) as info:
-            decode_image(sample.data, 28, channels, MAX_PIXELS)
+            run()
         assert info.value.reason == sample.expect, str(info.value)
         assert "\n" not in str(info.value)
 
@@ -72,7 +88,9 @@ BOMB_PROBE = """
 import json
 from tests.support.security import vm_hwm_kib
 from tests.security.corpus import corpus, png_bomb
-from worker.decode import DecodeError, decode_image
+from model.preprocess import DecodeError, PreprocessSpec, decode_image as _decode
+def decode_image(data, size, channels, max_pixels):
+    return _decode(data, PreprocessSpec.from_checkpoint_meta({"channels": channels, "input_size": size}), max_pixels)
 samples = {s.name: s.data for s in corpus(200_000)}
 decode_image(samples["one_pixel.png"], 28, 1, 40_000_000)
 decode_image(samples["photo.webp"], 28, 3, 40_000_000)

@@ -196,7 +196,7 @@ def _train_from_catalog(*, taxonomy_name, split, test_match, backbone, pretraine
     if counts["train"] == 0:
         raise StyletagError("the split puts no product in train; check --split and --test-match")
     use = np.concatenate([data.index("train")[:limit] if limit else data.index("train"), data.index("val")])
-    images, ok, reasons = decode_images(settings, [data.uris[i] for i in use], [data.versions[i] for i in use], spec,
+    images, ok, reasons, _ = decode_images(settings, [data.uris[i] for i in use], [data.versions[i] for i in use], spec,
                                         procs=procs, progress=progress)
     if reasons:
         click.echo(f"skipped {sum(reasons.values())} images that could not be read or decoded: {dict(reasons)}")
@@ -212,10 +212,10 @@ def _train_from_catalog(*, taxonomy_name, split, test_match, backbone, pretraine
     spec_d = {**spec.to_dict(), "mean": list(mean), "std": list(std)}
     out_train = out_val = None
     if oe_weight > 0 and outliers > 0:
-        out_train, _ = generated_outliers(settings, spec, outliers, TRAIN_FAMILIES, seed=1, procs=procs,
+        out_train, _, _ = generated_outliers(settings, spec, outliers, TRAIN_FAMILIES, seed=1, procs=procs,
                                           progress=progress)
     if val_set is not None and val_outliers > 0:
-        out_val, _ = generated_outliers(settings, spec, val_outliers, TRAIN_FAMILIES, seed=2, procs=procs,
+        out_val, _, _ = generated_outliers(settings, spec, val_outliers, TRAIN_FAMILIES, seed=2, procs=procs,
                                         progress=progress)
     pad_value = {"lab-delta": (0, 128, 128), "distance": (0,) * spec.channels}.get(spec.representation)
     cfg = TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
