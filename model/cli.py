@@ -61,6 +61,7 @@ def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None
 @click.option("--label-smoothing", type=float, default=0.1, show_default=True)
 @click.option("--w-coarse", type=float, default=1.0, show_default=True, help="Coarse loss weight (0: flat fine-only).")
 @click.option("--w-fine", type=float, default=1.0, show_default=True)
+@click.option("--no-gate", is_flag=True, help="Ablation: no gate; the fine head reads the features directly.")
 @click.option("--input-size", type=int, default=None, help="Default: 28 for small backbones, else 32.")
 @click.option("--no-augment", is_flag=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -80,8 +81,8 @@ def load_dataset(name: str, split: str, taxonomy, source=None, limit: int | None
 @click.option("--erase-p", type=float, default=0.5, show_default=True, help="Random-erasing probability.")
 @click.option("--no-progress", is_flag=True)
 def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_size, lr, weight_decay, optimizer,
-              schedule, warmup, label_smoothing, w_coarse, w_fine, input_size, no_augment, seed, limit, val_limit, val_share,
-              patience, threads, device, out, resume, init, erase_p, no_progress):
+              schedule, warmup, label_smoothing, w_coarse, w_fine, no_gate, input_size, no_augment, seed, limit,
+              val_limit, val_share, patience, threads, device, out, resume, init, erase_p, no_progress):
     """Train the hierarchical model and write a checkpoint each epoch."""
     from .net import BACKBONES, MIN_INPUT_SIZE
     from .taxonomy import TaxonomyError, load_taxonomy
@@ -113,7 +114,7 @@ def train_cmd(data_name, source, taxonomy, backbone, pretrained, epochs, batch_s
                       w_fine=w_fine, seed=seed, input_size=size, channels=1, mean=FMNIST_MEAN, std=FMNIST_STD,
                       pretrained=pretrained or False, augment=not no_augment, device=device, threads=threads,
                       out=str(out), resume=str(resume) if resume else None, val_limit=val_limit,
-                      init=str(init) if init else None, erase_p=erase_p, patience=patience)
+                      init=str(init) if init else None, erase_p=erase_p, patience=patience, gate=not no_gate)
     desc = {"dataset": data_name, "source": str(source or "/usr/share/datasets/fashion-mnist"),
             "train_items": len(train_set), "val_items": len(val_set) if val_set is not None else 0,
             "val_split": f"{val_share:.0%} of the training split (index hash, model.data.holdout_mask)",

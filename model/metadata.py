@@ -55,6 +55,16 @@ def is_legacy(meta: dict[str, Any]) -> bool:
     return meta.get("format", LEGACY_FORMAT) != FORMAT
 
 
+def has_gate(meta: dict[str, Any], source: str = "checkpoint") -> bool:
+    """Whether the network has the fine head's gate: metadata ``"gate": false`` for the ablation without it;
+    absent (every checkpoint before the key, and every gated one since) means true, so their model_version
+    is unchanged."""
+    gate = meta.get("gate", True)
+    if not isinstance(gate, bool):
+        raise CheckpointError(f"{source}: metadata 'gate' must be true or false, not {str(gate)[:40]}")
+    return gate
+
+
 def check_header(path: Path) -> None:
     """Refuse anything that is not a safetensors file before parsing it (a pickle is never opened)."""
     with open(path, "rb") as fh:

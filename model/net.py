@@ -3,6 +3,7 @@
     f        = pool(backbone(x))
     coarse   = W_c f
     fine     = W_f (f * gate(f)),   gate = Linear -> ReLU -> Linear -> Sigmoid
+    fine     = W_f f                 (``gate=False``: the ablation without the gate; metadata "gate": false)
 
 This is the seed's design kept recognisable; hierarchy consistency is added at decoding time
 (``model.consistency``) and, for multi-label taxonomies, by the max-constraint loss (``model.losses``).
@@ -315,20 +316,22 @@ class Gate(nn.Module):
 
 
 class HierarchicalNet(nn.Module):
-    """Backbone -> f; coarse logits = Linear(f); fine logits = Linear(f * gate(f))."""
+    """Backbone -> f; coarse logits = Linear(f); fine logits = Linear(f * gate(f)), or Linear(f) with
+    ``gate=False`` (no ``gate`` module, no ``gate.*`` tensors; the other parameter names are the same)."""
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, n_coarse: int, n_fine: int, dropout: float = 0.0):
+    def __init__(self, backbone: nn.Module, feat_dim: int, n_coarse: int, n_fine: int, dropout: float = 0.0,
+                 gate: bool = True):
         super().__init__()
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.coarse_head = nn.Linear(feat_dim, n_coarse)
-        self.gate = Gate(feat_dim)
+        self.gate = Gate(feat_dim) if gate else None
         self.fine_head = nn.Linear(feat_dim, n_fine)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.backbone(x)
         f = self.dropout(f)
-        return self.coarse_head(f), self.fine_head(f * self.gate(f))
+        return self.coarse_head(f), self.fine_head(f if self.gate is None else f * self.gate(f))
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -340,7 +343,8 @@ def pick_device(device: str | None) -> torch.device:
 
 def build_model(
     backbone: str, n_coarse: int, n_fine: int, channels: int = 3, pretrained: bool | str | None = False,
-    dropout: float = 0.0,
+    dropout: float = 0.0, gate: bool = True,
 ) -> HierarchicalNet:
+    """``gate=False``: the fine head reads the features directly (the gate ablated)."""
     body, dim = build_backbone(backbone, channels, pretrained)
-    return HierarchicalNet(body, dim, n_coarse, n_fine, dropout)
+    return HierarchicalNet(body, dim, n_coarse, n_fine, dropout, gate)

@@ -32,7 +32,7 @@ from .checkpoint import load_checkpoint
 from .colour import NAMES
 from .consistency import child_mask, decode_multi, decode_single, parent_index
 from .errors import CheckpointError, TaxonomyError
-from .metadata import DEFAULT_THRESHOLDS
+from .metadata import DEFAULT_THRESHOLDS, has_gate
 from .net import build_model, pick_device
 from .preprocess import PreprocessSpec, to_tensor
 from .taxonomy import Taxonomy
@@ -133,7 +133,8 @@ def load_model(path: str | Path, device: str | None = None):
     except TaxonomyError as exc:
         raise CheckpointError(f"{path}: bad taxonomy in metadata: {exc}") from None
     dev = pick_device(device)
-    model = build_model(meta["backbone"], len(tax.coarse.labels), len(tax.fine.labels), int(meta["channels"]))
+    model = build_model(meta["backbone"], len(tax.coarse.labels), len(tax.fine.labels), int(meta["channels"]),
+                        gate=has_gate(meta, str(path)))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

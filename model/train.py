@@ -43,6 +43,7 @@ class TrainConfig:
     w_coarse: float = 1.0
     w_fine: float = 1.0
     dropout: float = 0.0
+    gate: bool = True  # False: the fine head reads f directly (the ablation; metadata "gate": false)
     seed: int = 0
     input_size: int = 28
     channels: int = 1
@@ -123,6 +124,7 @@ def base_meta(cfg: TrainConfig, taxonomy: Taxonomy) -> dict:
         "std": list(cfg.std),
         "thresholds": dict(cfg.thresholds),
         "format": "styletag-checkpoint/1",
+        **({} if cfg.gate else {"gate": False}),  # absent means gated: gated checkpoints hash as before
     }
 
 
@@ -156,7 +158,7 @@ def train(
         raise ModelError("the training set is empty")
     model = build_model(
         cfg.backbone, len(taxonomy.coarse.labels), len(taxonomy.fine.labels), cfg.channels,
-        False if cfg.resume else cfg.pretrained, cfg.dropout,
+        False if cfg.resume else cfg.pretrained, cfg.dropout, cfg.gate,
     ).to(device)
     channels_last = cfg.channels_last
     if channels_last:
@@ -188,6 +190,10 @@ def train(
         state, meta = load_checkpoint(cfg.resume)
         if meta.get("backbone") != cfg.backbone:
             raise ModelError(f"--resume checkpoint has backbone {meta.get('backbone')!r}, not {cfg.backbone!r}")
+        if meta.get("gate", True) != cfg.gate:
+            gated = meta.get("gate", True)
+            raise ModelError(f"--resume checkpoint was trained {'with' if gated else 'without'} the gate; "
+                             f"{'drop' if gated else 'pass'} --no-gate")
         model.load_state_dict(state)
         load_optimizer(cfg.resume, opt)
         start_epoch = int(meta.get("train", {}).get("epoch", 0))

@@ -105,6 +105,7 @@ def _norm(spec, images):
 @click.option("--label-smoothing", type=float, default=0.1, show_default=True)
 @click.option("--w-coarse", type=float, default=1.0, show_default=True)
 @click.option("--w-fine", type=float, default=1.0, show_default=True)
+@click.option("--no-gate", is_flag=True, help="Ablation: no gate; the fine head reads the features directly.")
 @click.option("--no-augment", is_flag=True)
 @click.option("--erase-p", type=float, default=None, help="Random erasing (default 0.25 photos, 0.5 Fashion-MNIST).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -122,8 +123,8 @@ def _norm(spec, images):
 def train_cmd(ctx, from_catalog, taxonomy_name, split, test_match, data_name, source, backbone, pretrained, init,
               channels, input_size, representation, fit, foreground_crop, margin, outliers, val_outliers, oe_weight,
               review_rate, ood_rate, epochs, patience, batch_size, lr, weight_decay, optimizer, schedule, warmup,
-              label_smoothing, w_coarse, w_fine, no_augment, erase_p, seed, limit, val_limit, val_share, procs,
-              threads, device, out, resume, no_progress):
+              label_smoothing, w_coarse, w_fine, no_gate, no_augment, erase_p, seed, limit, val_limit,
+              val_share, procs, threads, device, out, resume, no_progress):
     """Train the hierarchical model and write a checkpoint each epoch: on the catalog's labelled products
     (--from-catalog --taxonomy NAME), or on Fashion-MNIST (--data fmnist|fmnist-mosaic)."""
     if not from_catalog:
@@ -138,7 +139,7 @@ def train_cmd(ctx, from_catalog, taxonomy_name, split, test_match, data_name, so
                           w_fine=w_fine, input_size=input_size, no_augment=no_augment, seed=seed, limit=limit,
                           val_limit=val_limit, val_share=val_share, patience=patience, threads=threads, device=device,
                           out=out, resume=resume, init=init, erase_p=0.5 if erase_p is None else erase_p,
-                          no_progress=no_progress)
+                          no_progress=no_progress, no_gate=no_gate)
     if data_name or source:
         raise StyletagError("--data and --source are for Fashion-MNIST; --from-catalog reads the catalog")
     if not taxonomy_name:
@@ -151,7 +152,8 @@ def train_cmd(ctx, from_catalog, taxonomy_name, split, test_match, data_name, so
                         weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, warmup=warmup,
                         label_smoothing=label_smoothing, w_coarse=w_coarse, w_fine=w_fine, no_augment=no_augment,
                         erase_p=0.25 if erase_p is None else erase_p, seed=seed, limit=limit, val_limit=val_limit,
-                        procs=procs, threads=threads, device=device, out=out, resume=resume, no_progress=no_progress)
+                        procs=procs, threads=threads, device=device, out=out, resume=resume, no_progress=no_progress,
+                        no_gate=no_gate)
 
 
 def _check_paths(out: Path, resume: Path | None, init: Path | None) -> None:
@@ -166,8 +168,8 @@ def _check_paths(out: Path, resume: Path | None, init: Path | None) -> None:
 def _train_from_catalog(*, taxonomy_name, split, test_match, backbone, pretrained, init, channels, input_size,
                         representation, fit, foreground_crop, margin, outliers, val_outliers, oe_weight, review_rate,
                         ood_rate, epochs, patience, batch_size, lr, weight_decay, optimizer, schedule, warmup,
-                        label_smoothing, w_coarse, w_fine, no_augment, erase_p, seed, limit, val_limit, procs, threads,
-                        device, out, resume, no_progress) -> None:
+                        label_smoothing, w_coarse, w_fine, no_gate, no_augment, erase_p, seed, limit, val_limit, procs,
+                        threads, device, out, resume, no_progress) -> None:
     import numpy as np
 
     from catalog.settings import Settings, redact_url
@@ -226,7 +228,8 @@ def _train_from_catalog(*, taxonomy_name, split, test_match, backbone, pretraine
                       resume=str(resume) if resume else None, init=str(init) if init else None, val_limit=val_limit,
                       preprocess=spec_d, photo_augment=True, pad_value=pad_value, oe_weight=oe_weight,
                       patience=patience, review_rate=review_rate, ood_rate=ood_rate,
-                      init_rule="first" if spec.representation in ("lab-delta", "distance") else "mean")
+                      init_rule="first" if spec.representation in ("lab-delta", "distance") else "mean",
+                      gate=not no_gate)
     desc = {"dataset": "catalog", "database": redact_url(settings.database_url), "taxonomy": tax.name,
             "split": rule.to_dict(), "counts": counts, "train_items": len(train_set),
             "val_items": len(val_set) if val_set is not None else 0, "skipped": data.skipped,
