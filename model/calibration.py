@@ -35,7 +35,7 @@ def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> fl
     return float(-lp[np.arange(len(lp)), np.asarray(targets, dtype=np.int64)].mean())
 
 
-def fit_temperature(logits: np.ndarray, targets: np.ndarray, lo: float = 0.05, hi: float = 20.0,
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, lo: float = 0.01, hi: float = 20.0,
                     iters: int = 60) -> float:
     """The T in [lo, hi] minimising validation NLL. NLL is convex in 1/T, so a golden-section search on
     1/T finds the optimum without gradients or torch."""
@@ -275,7 +275,7 @@ def fit_joint_temperatures(coarse_logits: np.ndarray, fine_logits: np.ndarray, f
     return tc, tf
 
 
-def _golden(f, lo: float = 0.05, hi: float = 20.0, iters: int = 40) -> float:
+def _golden(f, lo: float = 0.01, hi: float = 20.0, iters: int = 40) -> float:
     """argmin of f over T in [lo, hi], searched on 1/T."""
     a, b = 1.0 / hi, 1.0 / lo
     g = (math.sqrt(5) - 1) / 2

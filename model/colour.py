@@ -15,6 +15,7 @@ a little of it (:data:`SHADOW_ALLOWANCE`) so shadows do not become foreground.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 
@@ -72,6 +73,7 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 
 
 PALETTE_LAB = srgb_to_lab(np.array(list(PALETTE.values()), dtype=np.uint8))
+_TABLES_LOCK = threading.Lock()
 _LAB_LUT: np.ndarray | None = None  # Lab of every sRGB colour quantised to 6 bits a channel (3 MB, built on first use)
 
 
@@ -80,9 +82,11 @@ def srgb_to_lab_fast(rgb: np.ndarray) -> np.ndarray:
     four times faster; for the per-pixel maps of preprocessing, not for naming colours."""
     global _LAB_LUT
     if _LAB_LUT is None:
-        q = np.arange(64, dtype=np.uint8) * 4 + 2
-        grid = np.stack(np.meshgrid(q, q, q, indexing="ij"), -1).reshape(-1, 3)
-        _LAB_LUT = srgb_to_lab(grid)
+        with _TABLES_LOCK:  # decoder threads that arrive together build it once
+            if _LAB_LUT is None:
+                q = np.arange(64, dtype=np.uint8) * 4 + 2
+                grid = np.stack(np.meshgrid(q, q, q, indexing="ij"), -1).reshape(-1, 3)
+                _LAB_LUT = srgb_to_lab(grid)
     return np.take(_LAB_LUT, _cell(rgb), axis=0)
 
 
@@ -272,13 +276,22 @@ def name_table() -> np.ndarray:
     exact match for all but one."""
     global _NAME_LUT
     if _NAME_LUT is None:
-        q = np.arange(64, dtype=np.uint8) * 4 + 2
-        grid = np.stack(np.meshgrid(q, q, q, indexing="ij"), -1).reshape(-1, 3)
-        lut = np.empty(len(grid), dtype=np.uint8)
-        for s in range(0, len(grid), 8192):
-            lut[s : s + 8192] = nearest_colour_index(srgb_to_lab(grid[s : s + 8192]))
-        _NAME_LUT = lut
+        with _TABLES_LOCK:
+            if _NAME_LUT is None:
+                q = np.arange(64, dtype=np.uint8) * 4 + 2
+                grid = np.stack(np.meshgrid(q, q, q, indexing="ij"), -1).reshape(-1, 3)
+                lut = np.empty(len(grid), dtype=np.uint8)
+                for s in range(0, len(grid), 8192):
+                    lut[s : s + 8192] = nearest_colour_index(srgb_to_lab(grid[s : s + 8192]))
+                _NAME_LUT = lut
     return _NAME_LUT
+
+
+def warm_tables() -> None:
+    """Build both lookup tables now (about a second): a worker calls this while it loads a photo model, so
+    that its first batch does not pay for them."""
+    srgb_to_lab_fast(np.zeros((1, 3), np.uint8))
+    name_table()
 
 
 def colour_indices(rgb: np.ndarray) -> np.ndarray:

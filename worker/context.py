@@ -70,6 +70,10 @@ class WorkerContext:
             raise ModelUnavailable(f"{path} holds model {predictor.model_version}, not the registered {version}; "
                                    "register the file again or restore the registered checkpoint")
         self._configure_threads(predictor)
+        if not predictor.spec.is_legacy:  # a photo model: its colour tables now, not in the first batch
+            from model.colour import warm_tables
+
+            warm_tables()
         loaded = LoadedModel(predictor.model_version, predictor, path)
         log.info(
             "model loaded: version=%s backbone=%s device=%s input=%dpx model_threads=%d",
