@@ -39,7 +39,9 @@ test: test-deps lint
 demo: setup
 	$(BIN)/python -m worker.ops.demo
 
+# simplejpeg only for bench.photo's decoder comparison (the pipeline decodes with PIL)
 bench: setup
+	$(BIN)/pip install -q simplejpeg || echo "warning: simplejpeg not installed; bench.photo skips its row"
 	$(BIN)/python -m bench.run_all
 
 clean:

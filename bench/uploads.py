@@ -1,9 +1,10 @@
 """Uploads through a real worker (``styletag worker --gpus none --queues uploads,bulk``):
 
 * latency of a lone upload: ``enqueue_upload_ids([id])`` until its tag_state row is committed
-  (polled every 2 ms), p50 / p95 over 50 sequential uploads;
+  (polled every 2 ms), p50 / p95 over 50 sequential uploads (``upload_latency_ms``). Target p95 <= 100 ms
+  with the Fashion-MNIST model (an idle worker dispatches an upload at once, ``worker/batching.py``);
 * a burst of 1,000 uploads (one message each, micro-batched by the worker): throughput relative to
-  the bulk path on the same 1,000 products (``retag --all`` on the ``bulk`` queue). Target >= 0.8x.
+  the bulk path on the same 1,000 products (``retag --all`` on the ``bulk`` queue). Target >= 0.9x.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 from bench import common as C
 
 NAME = "uploads"
-TARGET = 0.8
+TARGET = 0.9
+LONE_P95_MS = 100.0
 
 
 def main(argv=None) -> int:
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
         t_big, _ = burst_run(w)
     burst_rate = len(burst) / t_burst
     ratio = burst_rate / bulk["images_per_s"]
-    res.figures = {"lone_ms": {"p50": C.pct(lat, 50), "p95": C.pct(lat, 95), "max": max(lat), "all": lat},
+    res.figures = {"upload_latency_ms": {"p50": C.pct(lat, 50), "p95": C.pct(lat, 95), "max": max(lat), "all": lat},
                    "burst": {"products": len(burst), "seconds": t_burst, "enqueue_seconds": t_enq,
                              "images_per_s": burst_rate},
                    "bulk": bulk,
@@ -88,8 +90,9 @@ def main(argv=None) -> int:
                                                   "ratio_to_bulk": len(burst) / t_big / bulk["images_per_s"]}}
     C.log(f"lone p50 {C.pct(lat, 50):.0f} ms p95 {C.pct(lat, 95):.0f} ms; burst {burst_rate:.0f}/s vs bulk "
           f"{bulk['images_per_s']:.0f}/s ({ratio:.2f})")
-    res.checks.append(C.check("lone upload p95", C.pct(lat, 95), unit="ms", baseline=C.pct(lat, 50),
-                              baseline_label="p50", target="(info)", met=None))
+    res.checks.append(C.check("upload_latency lone p95", C.pct(lat, 95), unit="ms", baseline=C.pct(lat, 50),
+                              baseline_label="p50", target=f"<= {LONE_P95_MS:.0f} ms",
+                              met=C.pct(lat, 95) <= LONE_P95_MS))
     res.checks.append(C.check(f"burst of {len(burst)} vs bulk", burst_rate, unit="img/s",
                               baseline=bulk["images_per_s"], baseline_label="bulk", ratio=ratio,
                               target=f">= {TARGET} x", met=ratio >= TARGET and bulk["failed"] == 0))
