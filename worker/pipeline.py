@@ -139,11 +139,12 @@ class Pipeline:
                                            meta.get("review_threshold"))
         self.ood_threshold = _threshold(getattr(self.predictor, "ood_threshold", None), meta.get("ood_threshold"))
         # The one preprocessing (model.preprocess), as the serving checkpoint defines it: what training fed
-        # the network. Colour tags
-        # (model.predictor.ColourTagging) come from the same decode, the backdrop fitted once per image.
+        # the network. Colour tags (model.predictor.ColourTagging) come from the same decode, the backdrop
+        # fitted once per image. (A bare context without a predictor has no spec: it decodes nothing.)
         from model.preprocess import PreprocessSpec
 
-        self.spec = getattr(self.predictor, "spec", None) or PreprocessSpec.from_checkpoint_meta(meta)
+        self.spec = getattr(self.predictor, "spec", None) or (PreprocessSpec.from_checkpoint_meta(meta) if meta
+                                                              else None)
         self.colours = getattr(self.predictor, "colours", None)
         self.colour_ids: dict[str, int] = {}
         if self.colours is not None:

@@ -340,12 +340,15 @@ def test_a_stale_message_of_a_superseded_or_finished_run_changes_no_counter(lc_w
 
     before = snapshot()
     assert [r.status for r in before[0] if r.id == superseded] == ["cancelled"]
+    # the finished run's own batches logged lines already: wait for two more of each run's
+    seen = {run_id: len(task_lines(lc_worker, run_id)) for run_id in (superseded, finished)}
     for run_id in (superseded, finished):
         for _ in range(2):
             tag_products.apply_async(args=(run_id, ids))
     for run_id in (superseded, finished):
-        lines = wait_until(lambda r=run_id: len(task_lines(lc_worker, r)) >= 2 and task_lines(lc_worker, r), timeout=60)
-        assert [(x["stale"], x["tagged"], x["failed"]) for x in lines[-2:]] == [("100", "0", "0")] * 2
+        lines = wait_until(lambda r=run_id: len(task_lines(lc_worker, r)) >= seen[r] + 2 and task_lines(lc_worker, r),
+                           timeout=60)
+        assert [(x["stale"], x["tagged"], x["failed"]) for x in lines[seen[run_id]:]] == [("100", "0", "0")] * 2
     assert snapshot() == before
 
 
