@@ -1,7 +1,7 @@
 """The best single-process script a user would write instead of styletag: a torch DataLoader whose
 worker processes read the same file store, a batched forward, one bulk insert at the end.
 
-    python -m bench.dataloader_script DATABASE_URL MODEL [--limit N] [--workers W] [--batch B]
+    python -m bench.dataloader_script DATABASE_URL MODEL [--limit N] [--workers W] [--batch B] [--threads T]
 
 Prints one JSON line: products, seconds (first row read to commit; the model load is excluded, as
 it is for a running styletag worker), images_per_s.
@@ -49,7 +49,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from sqlalchemy import create_engine, delete, select, text
     from sqlalchemy.dialects.postgresql import insert
