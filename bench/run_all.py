@@ -18,7 +18,9 @@ import time
 from bench import common as C
 
 # Cheapest first; the 1M-row catalog (queries, then producer, which reuses it) last.
-BENCHMARKS = ["stages", "writes", "e2e", "alternatives", "photo", "uploads", "worker_rss", "queries", "producer", "gpu"]
+BENCHMARKS = ["stages", "writes", "e2e", "alternatives", "photo", "uploads", "uploads-photo", "worker_rss", "queries",
+              "producer", "gpu"]
+VARIANTS = {"uploads-photo": ("uploads", ["--kind", "photo"])}  # result name -> (module, its arguments)
 TIMEOUT_S = 900
 # photo: its first full run also renders its 2,048 photos (about 30 CPU-ms each)
 TIMEOUTS = {"photo": 1800}
@@ -30,11 +32,12 @@ def run_one(name: str, args) -> tuple[int, float]:
         if args.model:
             argv += ["--model", args.model]
     else:
-        argv = [sys.executable, "-m", f"bench.{name}"]
+        module, extra = VARIANTS.get(name, (name, []))
+        argv = [sys.executable, "-m", f"bench.{module}", *extra]
         if args.quick:
             argv.append("--quick")
-        # --model is the grey checkpoint; the photo bench takes its own (the trained photo one when present)
-        if args.model and name not in ("writes", "queries", "photo"):
+        # --model is the grey checkpoint; the photo benches take their own (the trained photo one when present)
+        if args.model and name not in ("writes", "queries", "photo", "uploads-photo"):
             argv += ["--model", args.model]
     t0 = time.perf_counter()
     C.log(f"--- {name}: {' '.join(argv[1:])}")
