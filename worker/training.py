@@ -19,18 +19,16 @@ import hashlib
 import io
 import json
 import os
-import sys
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from catalog.errors import StyletagError
 from catalog.settings import Settings
+from model.parallel import pool_map
 
 CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -234,34 +232,6 @@ def _decode_chunk(job: list[tuple[int, str]]) -> list[tuple[int, np.ndarray | No
     return out
 
 
-def _pool_map(fn, jobs: list, procs: int, initializer, initargs, *, total: int, desc: str, progress: bool):
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
-    results = []
-    pool = None
-    try:
-        if procs <= 1 or len(jobs) <= 1:
-            initializer(*initargs)
-            parts = map(fn, jobs)
-        else:
-            pool = ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=initializer,
-                                       initargs=initargs)
-            parts = pool.map(fn, jobs)
-        for part in parts:
-            results.extend(part)
-            if bar is not None:
-                bar.update(len(part))
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        if bar is not None:
-            bar.close()
-    return results
-
-
 def _save_cache(folder: Path, name: str, arrays: np.ndarray, keys: list[str], infos: list[list]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.tmp.npy"
@@ -323,7 +293,7 @@ def decode_images(settings: Settings, uris: Sequence[str], versions: Sequence[st
     reasons: Counter = Counter()
     if todo:
         jobs = [todo[s : s + CHUNK] for s in range(0, len(todo), CHUNK)]
-        results = _pool_map(_decode_chunk, jobs, procs, _init_decoder, (settings, spec.to_dict()), total=len(todo),
+        results = pool_map(_decode_chunk, jobs, procs, _init_decoder, (settings, spec.to_dict()), total=len(todo),
                             desc=f"decode {name}", progress=progress)
         for i, arr, info in results:
             if arr is None:
@@ -397,7 +367,7 @@ def generated_outliers(settings: Settings, spec, n: int, families: Sequence[str]
         return (np.asarray(arr), [k.split("\t", 1)[1] for k, _ in sorted(where.items(), key=lambda kv: kv[1])],
                 _analysis(infos))
     jobs = [(families, seed, s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
-    results = sorted(_pool_map(_outlier_chunk, jobs, procs, _init_outliers, (spec.to_dict(),), total=n,
+    results = sorted(pool_map(_outlier_chunk, jobs, procs, _init_outliers, (spec.to_dict(),), total=n,
                                desc="render non-garments", progress=progress), key=lambda r: r[0])
     images = np.stack([r[1] for r in results])
     names = [r[2] for r in results]
@@ -433,7 +403,7 @@ def robust_fashion_mnist(spec, n: int, *, source: str | None = None, procs: int 
 
     labels = load_split("test", source)[1][:n].astype(np.int64)
     jobs = [(s, min(s + CHUNK, n), source) for s in range(0, n, CHUNK)]
-    results = sorted(_pool_map(_robust_chunk, jobs, procs, _init_outliers, (spec.to_dict(),), total=n,
+    results = sorted(pool_map(_robust_chunk, jobs, procs, _init_outliers, (spec.to_dict(),), total=n,
                                desc="render robust test", progress=progress), key=lambda r: r[0])
     return np.stack([r[1] for r in results]), labels, [r[2] for r in results], _analysis([r[3] for r in results])
 

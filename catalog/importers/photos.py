@@ -17,17 +17,15 @@ from __future__ import annotations
 import csv
 import io
 import os
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from catalog.errors import StyletagError
 from catalog.settings import Settings
+from model.parallel import pool_map
 
 SPLIT_CODE = {"train": 1, "test": 2}
 SKU_PREFIX = "fmnist-photo"
@@ -132,31 +130,9 @@ def render_fashion_mnist_photos(
     taxonomy = load_taxonomy(TAXONOMY)
     report = PhotoReport(split=split, total=n, csv=str(out_csv))
     jobs = [(split, lo, min(lo + CHUNK, n), quality) for lo in range(0, n, CHUNK)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, unit="photo", desc=f"render {split}", file=sys.stderr, dynamic_ncols=True)
-    rows: list[tuple] = []
     started = time.perf_counter()
-    initargs = (split, source, store_url, settings)
-    if procs <= 1:
-        _init(*initargs)
-        parts = map(_render_range, jobs)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=_init, initargs=initargs)
-        parts = pool.map(_render_range, jobs)
-    try:
-        for part in parts:
-            rows.extend(part)
-            if bar is not None:
-                bar.update(len(part))
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        if bar is not None:
-            bar.close()
+    rows = pool_map(_render_range, jobs, procs, _init, (split, source, store_url, settings), total=n,
+                    desc=f"render {split}", progress=progress, unit="photo")
     report.render_seconds = round(time.perf_counter() - started, 3)
     report.written = sum(1 for r in rows if r[3])
     report.kept = n - report.written
