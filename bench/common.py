@@ -168,6 +168,19 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
+def best_ms(fn, items, repeats: int = 3) -> float:
+    """Milliseconds per item of ``fn`` over ``items``: the best of ``repeats`` passes, after 3 warm-up calls."""
+    for x in items[:3]:
+        fn(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for x in items:
+            fn(x)
+        best = min(best, (time.perf_counter() - t0) / len(items) * 1000)
+    return best
+
+
 def rate_bound(rates: dict[str, float]) -> float:
     """CPU bound of a pipeline whose stages share the cores: 1 / sum(1 / rate_i)."""
     return 1.0 / sum(1.0 / r for r in rates.values() if r > 0)
@@ -296,30 +309,36 @@ def store_dir(kind: str) -> Path:
     return WORK / f"images-{kind}"
 
 
+def catalog_ready(url: str, store_url: str, files: Path, n: int) -> bool:
+    """Whether the benchmark catalog at ``url`` can be reused: at least ``n`` products, at least ``n`` image
+    files under ``files``, and every product's image in ``store_url`` (the database outlives a checkout: one
+    imported from another clone points at that clone's store, whose images this checkout's prefix refuses;
+    re-importing points every product here)."""
+    from sqlalchemy import func, select
+
+    from catalog.db import session_scope
+    from catalog.schema import Product
+
+    with session_scope(url) as s:
+        have = s.execute(select(func.count()).select_from(Product)).scalar()
+        foreign = s.execute(select(func.count()).select_from(Product)
+                            .where(Product.image_uri.not_like(store_url + "/%"))).scalar()
+    n_files = sum(1 for _ in files.iterdir()) if files.is_dir() else 0
+    return have >= n and n_files >= n and not foreign
+
+
 def ensure_catalog(kind: str, n: int, db_url: str | None = None) -> tuple[str, str]:
     """Exactly ``n`` Fashion-MNIST test products of ``kind`` in ``styletag_bench_<kind>_<n>`` (or
     ``db_url``), so that ``retag --all`` covers those and no more; their images in a file store shared
     by every size. Imported once and reused. Returns (database URL, store URL)."""
-    from sqlalchemy import func, select
-
-    from catalog.db import session_scope
     from catalog.importers import import_fashion_mnist
-    from catalog.schema import Product
 
     spec = KINDS[kind]
     url = db_url or pg_database(f"styletag_bench_{kind}_{n}")
     store = store_dir(kind)
     store.mkdir(parents=True, exist_ok=True)
     store_url = store.resolve().as_uri()
-    with session_scope(url) as s:
-        have = s.execute(select(func.count()).select_from(Product)).scalar()
-        # The database outlives a checkout: one imported from another clone points at that clone's store,
-        # whose images this checkout's prefix refuses. Re-importing points every product here.
-        foreign = s.execute(select(func.count()).select_from(Product)
-                            .where(Product.image_uri.not_like(store_url + "/%"))).scalar()
-    files = store / "fmnist" / "test"
-    n_files = sum(1 for _ in files.iterdir()) if files.is_dir() else 0
-    if have < n or n_files < n or foreign:
+    if not catalog_ready(url, store_url, store / "fmnist" / "test", n):
         log(f"importing {n} Fashion-MNIST products as {kind} into {url.rsplit('/', 1)[-1]}")
         import_fashion_mnist(url, store_url, "test", limit=n, size=spec["size"], fmt=spec["fmt"], progress=False)
     return url, store_url

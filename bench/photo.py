@@ -84,23 +84,13 @@ def photo_model(arg: str | None, res: C.Result) -> str:
 def ensure_photo_catalog(n: int, model: str) -> tuple[str, str]:
     """Exactly ``n`` rendered Fashion-MNIST test photos in ``styletag_bench_photo_<n>`` (their colours and
     labels as the photo import gives them), images in a file store shared by every size. Rendered once."""
-    from sqlalchemy import func, select
-
-    from catalog.db import session_scope
     from catalog.importers.photos import SKU_PREFIX, render_fashion_mnist_photos
-    from catalog.schema import Product
 
     url = C.pg_database(f"styletag_bench_photo_{n}")
     store = C.store_dir("photo")
     store.mkdir(parents=True, exist_ok=True)
     store_url = store.resolve().as_uri()
-    with session_scope(url) as s:
-        have = s.execute(select(func.count()).select_from(Product)).scalar()
-        foreign = s.execute(select(func.count()).select_from(Product)
-                            .where(Product.image_uri.not_like(store_url + "/%"))).scalar()
-    files = store / SKU_PREFIX / "test"
-    n_files = sum(1 for _ in files.iterdir()) if files.is_dir() else 0
-    if have < n or n_files < n or foreign:
+    if not C.catalog_ready(url, store_url, store / SKU_PREFIX / "test", n):
         procs = max(1, min(os.cpu_count() or 1, 8))
         C.log(f"rendering {n} photos into {url.rsplit('/', 1)[-1]} ({procs} processes)")
         rep = render_fashion_mnist_photos("test", C.WORK / f"photo-test-{n}.csv",
@@ -178,18 +168,6 @@ def measure_stages(ctx, settings, reader, uris: list[str], blobs: list[bytes], n
 # --- the JPEG-open step ------------------------------------------------------------------------------
 
 
-def _best_ms(fn, items, repeats: int = 3) -> float:
-    for x in items[:3]:
-        fn(x)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for x in items:
-            fn(x)
-        best = min(best, (time.perf_counter() - t0) / len(items) * 1000)
-    return best
-
-
 def decoder_comparison(res: C.Result, blobs: list[bytes], spec, max_pixels: int) -> None:
     """ms per image on one thread of the JPEG-open step alone: PIL with draft (``open_image`` with the
     size ``decode`` asks for) vs simplejpeg at reduced scale, same output size."""
@@ -204,8 +182,8 @@ def decoder_comparison(res: C.Result, blobs: list[bytes], spec, max_pixels: int)
 
     sizes = [pil(b).size for b in blobs]  # (w, h) PIL's draft gives
     figs["photo_decoder_images"] = len(blobs)
-    figs["photo_decoder_pil_draft_ms"] = _best_ms(pil, blobs)
-    figs["photo_decoder_pil_nodraft_ms"] = _best_ms(lambda b: to_mode(open_image(b, max_pixels), 3), blobs[:50])
+    figs["photo_decoder_pil_draft_ms"] = C.best_ms(pil, blobs)
+    figs["photo_decoder_pil_nodraft_ms"] = C.best_ms(lambda b: to_mode(open_image(b, max_pixels), 3), blobs[:50])
     figs["photo_decoder_output_px_mean"] = float(np.mean([max(s) for s in sizes]))
     try:
         import simplejpeg
@@ -224,11 +202,11 @@ def decoder_comparison(res: C.Result, blobs: list[bytes], spec, max_pixels: int)
 
     same = sum(sj(i).shape[:2] == (sizes[i][1], sizes[i][0]) for i in idx)
     figs["photo_decoder_simplejpeg_same_size"] = f"{same}/{len(idx)}"
-    figs["photo_decoder_simplejpeg_ms"] = _best_ms(sj, idx)
-    figs["photo_decoder_simplejpeg_fastdct_ms"] = _best_ms(lambda i: sj(i, fastdct=True, fastupsample=True), idx)
+    figs["photo_decoder_simplejpeg_ms"] = C.best_ms(sj, idx)
+    figs["photo_decoder_simplejpeg_fastdct_ms"] = C.best_ms(lambda i: sj(i, fastdct=True, fastupsample=True), idx)
     # what a switch would ask for: at least the spec's own size (libjpeg-turbo's M/8 factors: often smaller
     # than PIL's power-of-two draft, so less to decode and less for the analysis to resize)
-    figs["photo_decoder_simplejpeg_min_spec_ms"] = _best_ms(
+    figs["photo_decoder_simplejpeg_min_spec_ms"] = C.best_ms(
         lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB", min_width=want[0], min_height=want[1]), blobs)
     figs["photo_decoder_simplejpeg_min_spec_px_mean"] = float(np.mean(
         [max(simplejpeg.decode_jpeg(b, colorspace="RGB", min_width=want[0], min_height=want[1]).shape[:2])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -56,34 +55,22 @@ def photos(n: int, split: str = "test") -> list[tuple[bytes, tuple[str, ...]]]:
     return [render_jpeg(images[i], split, i) for i in range(n)]
 
 
-def _best_ms(fn, items, repeats: int = 3) -> float:
-    for x in items[:3]:
-        fn(x)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for x in items:
-            fn(x)
-        best = min(best, (time.perf_counter() - t0) / len(items) * 1000)
-    return best
-
-
 def speed(res: C.Result, blobs: list[bytes], spec_name: str) -> None:
     from model import preprocess as P
 
     spec = P.PreprocessSpec(**SPECS[spec_name])
     figs = res.figures
-    figs[f"ms_decode_image_{spec_name}"] = _best_ms(lambda b: P.decode_image(b, spec, MAX_PIXELS), blobs)
+    figs[f"ms_decode_image_{spec_name}"] = C.best_ms(lambda b: P.decode_image(b, spec, MAX_PIXELS), blobs)
     legacy = P.PreprocessSpec(**SPECS["legacy28"])
-    figs["ms_decode_image_legacy28"] = _best_ms(lambda b: P.decode_image(b, legacy, MAX_PIXELS), blobs)
+    figs["ms_decode_image_legacy28"] = C.best_ms(lambda b: P.decode_image(b, legacy, MAX_PIXELS), blobs)
     if hasattr(P, "decode"):  # the serving path: model input + colours, one backdrop fit
-        figs[f"ms_decode_served_{spec_name}"] = _best_ms(
+        figs[f"ms_decode_served_{spec_name}"] = C.best_ms(
             lambda b: P.decode(b, spec, MAX_PIXELS, colours=True), blobs)
     # stages of the photo path, on the drafted pictures
     from model import colour as K
 
     pics = [np.asarray(P.to_mode(P.open_image(b, MAX_PIXELS, ("RGB", (spec.work_size,) * 2)), 3)) for b in blobs]
-    figs["ms_stage_open_draft"] = _best_ms(
+    figs["ms_stage_open_draft"] = C.best_ms(
         lambda b: P.to_mode(P.open_image(b, MAX_PIXELS, ("RGB", (spec.work_size,) * 2)), 3), blobs)
     from PIL import Image
 
@@ -94,14 +81,14 @@ def speed(res: C.Result, blobs: list[bytes], spec_name: str) -> None:
                                                       Image.Resampling.BILINEAR))
 
     works = [work(p) for p in pics]
-    figs["ms_stage_fit_backdrop"] = _best_ms(K.fit_backdrop, works)
+    figs["ms_stage_fit_backdrop"] = C.best_ms(K.fit_backdrop, works)
     coefs = [K.fit_backdrop(w) for w in works]
-    figs["ms_stage_distance"] = _best_ms(lambda i: K.distance_from_backdrop(works[i], coefs[i]), list(range(len(works))))
+    figs["ms_stage_distance"] = C.best_ms(lambda i: K.distance_from_backdrop(works[i], coefs[i]), list(range(len(works))))
     if "coef" in K.dominant_colours.__code__.co_varnames:
-        figs["ms_stage_colours"] = _best_ms(lambda i: K.dominant_colours(pics[i], coef=coefs[i]),
+        figs["ms_stage_colours"] = C.best_ms(lambda i: K.dominant_colours(pics[i], coef=coefs[i]),
                                             list(range(len(pics))))
     else:
-        figs["ms_stage_colours_own_fit"] = _best_ms(K.dominant_colours, pics)
+        figs["ms_stage_colours_own_fit"] = C.best_ms(K.dominant_colours, pics)
     res.parameters["picture_px_mean"] = float(np.mean([max(p.shape[:2]) for p in pics]))
     C.log("speed: " + ", ".join(f"{k[3:]} {v:.2f} ms" for k, v in figs.items() if k.startswith("ms_")))
 
