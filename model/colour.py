@@ -287,11 +287,13 @@ def name_table() -> np.ndarray:
     return _NAME_LUT
 
 
-def warm_tables() -> None:
-    """Build both lookup tables now (about a second): a worker calls this while it loads a photo model, so
-    that its first batch does not pay for them."""
+def warm_tables(names: bool = True) -> None:
+    """Build the lookup tables now (about a second): a worker calls this while it loads a photo model, so
+    that its first batch does not pay for them. The Lab table serves every photo preprocessing, the name
+    table (``names``) only colour tagging."""
     srgb_to_lab_fast(np.zeros((1, 3), np.uint8))
-    name_table()
+    if names:
+        name_table()
 
 
 def colour_indices(rgb: np.ndarray) -> np.ndarray:

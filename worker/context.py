@@ -73,7 +73,7 @@ class WorkerContext:
         if not predictor.spec.is_legacy:  # a photo model: its colour tables now, not in the first batch
             from model.colour import warm_tables
 
-            warm_tables()
+            warm_tables(names=predictor.colours is not None)
         loaded = LoadedModel(predictor.model_version, predictor, path)
         log.info(
             "model loaded: version=%s backbone=%s device=%s input=%dpx model_threads=%d",
