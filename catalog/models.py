@@ -13,7 +13,9 @@ the same transaction (they are superseded), so no straggling worker writes them 
 :func:`rollback` re-activates the model that was active before the current one.
 
 ``STYLETAG_MODEL`` (or the shipped checkpoint) is only the bootstrap: :func:`ensure_active` registers and
-activates it when the registry has no active model for its taxonomy.
+activates it when the registry has no active model for its taxonomy. Without ``STYLETAG_MODEL``, a
+deployment serves the taxonomy whose model a person activated (:func:`chosen_taxonomies`), so a shop that
+registers and activates a model of its own taxonomy is served that taxonomy with no further setting.
 
 Concurrency: :func:`activate` first cancels the runs (their rows locked), then changes the models rows. The
 writer locks a run's row (its counter update) before reading the model's row ``FOR SHARE``: the same
@@ -160,6 +162,14 @@ def active_versions(session: Session) -> dict[str, str]:
     """taxonomy -> version of its active model."""
     return dict(session.execute(select(ModelVersion.taxonomy, ModelVersion.version)
                                 .where(ModelVersion.status == "active")).all())
+
+
+def chosen_taxonomies(session: Session) -> list[str]:
+    """Taxonomies whose active model a person (or a tool) activated, not the bootstrap: sorted."""
+    rows = session.scalars(select(ModelVersion.taxonomy).where(ModelVersion.status == "active",
+                                                              ModelVersion.activated_by.is_not(None),
+                                                              ModelVersion.activated_by != BOOTSTRAP))
+    return sorted(set(rows))
 
 
 # --- registering ----------------------------------------------------------------------------------------

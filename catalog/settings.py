@@ -161,6 +161,9 @@ class Settings:
     batch_size: int = 256
     fetch_threads: int = 16
     decode_threads: int = 0  # images decoded at once per worker process; 0: the number of cores
+    # decoder processes per worker process (worker/decode_pool.py); -1: the cores for a photo model, none
+    # (decode on the fetch threads) for a 28 px one; 0: never
+    decode_procs: int = -1
     torch_threads: int = 0  # CPU inference threads per process; 0: torch's default
     # queues
     upload_batch: int = 128
@@ -211,6 +214,7 @@ class Settings:
             batch_size=_int("STYLETAG_BATCH_SIZE", 256, minimum=1),
             fetch_threads=_int("STYLETAG_FETCH_THREADS", 16, minimum=1),
             decode_threads=_int("STYLETAG_DECODE_THREADS", 0, minimum=0),
+            decode_procs=_int("STYLETAG_DECODE_PROCS", -1, minimum=-1),
             torch_threads=_int("STYLETAG_TORCH_THREADS", 0, minimum=0),
             upload_batch=_int("STYLETAG_UPLOAD_BATCH", 128, minimum=1),
             upload_interval=_float("STYLETAG_UPLOAD_INTERVAL", 0.25),

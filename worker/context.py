@@ -4,8 +4,9 @@ Built lazily, once per process (in a Celery pool child after the fork, or in the
 the parent that forks never imports torch or touches CUDA.
 
 Which model serves what is the registry's call (``catalog.models``): a bulk task runs with its run's
-model, uploads with the active model of the worker's taxonomy (the taxonomy of ``STYLETAG_MODEL``, or of
-the shipped checkpoint; that checkpoint is also the bootstrap of an empty registry). A context keeps the
+model, uploads with the active model of the served taxonomy (:func:`served_taxonomy`: that of
+``STYLETAG_MODEL``; without it, that of the one taxonomy whose model a person activated; else the shipped
+checkpoint's, which is also the bootstrap of an empty registry). A context keeps the
 last :data:`MAX_MODELS` models it loaded (an LRU), so switching between an old and a new model during an
 activation or a shadow run does not reload each time. A model that cannot be loaded is a
 :class:`ModelUnavailable` (transient: the task is retried, never written with another model).
@@ -14,12 +15,13 @@ activation or a shadow run does not reload each time. A model that cannot be loa
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catalog.errors import ServiceUnavailable
+from catalog.errors import ConfigError, ServiceUnavailable
 from catalog.settings import Settings
 
 log = logging.getLogger("styletag.worker")
@@ -28,6 +30,10 @@ MAX_MODELS = 2
 
 _lock = threading.Lock()
 _context: WorkerContext | None = None
+
+
+class SeveralTaxonomies(ConfigError):
+    """Models of several taxonomies were activated and ``STYLETAG_MODEL`` does not say which one is served."""
 
 
 class ModelUnavailable(ServiceUnavailable):
@@ -55,6 +61,7 @@ class WorkerContext:
     _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _taxonomy: str | None = field(default=None, init=False, repr=False)
     _threads_set: bool = field(default=False, init=False, repr=False)
+    _decode_pool: object = field(default=None, init=False, repr=False)  # worker.decode_pool.DecodePool
 
     # -- loading ------------------------------------------------------------------------------------
     def _load_file(self, path: Path, version: str | None = None) -> LoadedModel:
@@ -159,20 +166,28 @@ class WorkerContext:
             return None
 
     # -- the registry ---------------------------------------------------------------------------------
-    @property
-    def taxonomy(self) -> str:
-        """The taxonomy this worker serves uploads for: that of the configured (bootstrap) checkpoint."""
+    def _configured_taxonomy(self) -> str:
         if self._taxonomy is None:
             self._taxonomy = configured_meta(self.settings).taxonomy.name
         return self._taxonomy
 
+    @property
+    def taxonomy(self) -> str:
+        """The taxonomy this worker serves uploads for (:func:`served_taxonomy`, read from the registry
+        each time: an activation of a shop's own taxonomy is followed without a restart)."""
+        from catalog.db import session_scope
+
+        with session_scope(self.settings.database_url) as session:
+            return served_taxonomy(self.settings, session, configured=self._configured_taxonomy())
+
     def active_version(self) -> str:
-        """The active model of this worker's taxonomy (one small query; bootstraps an empty registry)."""
+        """The active model of the served taxonomy (two small queries; bootstraps an empty registry)."""
         from catalog.db import session_scope
         from catalog.models import active_model
 
         with session_scope(self.settings.database_url) as session:
-            record = active_model(session, self.taxonomy)
+            taxonomy = served_taxonomy(self.settings, session, configured=self._configured_taxonomy())
+            record = active_model(session, taxonomy)
         if record is not None:
             return record.version
         return ensure_serving(self.settings).version
@@ -201,6 +216,28 @@ class WorkerContext:
             loaded = self._load_file(path)
             self._by_path[path] = loaded.version
             return loaded
+
+    def decode_pool(self, spec, *, colour_names: bool = True):
+        """This process's decoder processes for ``spec`` (``worker.decode_pool``; started on first use), or None
+        when images are decoded on the fetch threads: ``STYLETAG_DECODE_PROCS`` 0, or its default (-1) with a
+        28 px model, whose decode (~0.1 ms) costs less than handing the bytes to another process."""
+        procs = self.settings.decode_procs
+        if procs < 0:
+            procs = 0 if spec is None or spec.is_legacy else (os.cpu_count() or 1)
+        if procs == 0:
+            return None
+        with self._load_lock:
+            if self._decode_pool is None:
+                from worker.decode_pool import DecodePool
+
+                self._decode_pool = DecodePool(procs, colour_names=colour_names)
+            return self._decode_pool
+
+    def close(self) -> None:
+        """Stop this process's decoder processes (they also exit by themselves when it is gone)."""
+        pool, self._decode_pool = self._decode_pool, None
+        if pool is not None:
+            pool.close()
 
     @property
     def loaded_versions(self) -> list[str]:
@@ -251,19 +288,38 @@ def configured_meta(settings: Settings):
         raise ConfigError(f"model {exc}; set STYLETAG_MODEL to a .safetensors checkpoint") from None
 
 
+def served_taxonomy(settings: Settings, session, *, configured: str | None = None) -> str:
+    """The taxonomy this deployment serves: that of ``STYLETAG_MODEL`` when it is set; else that of the one
+    taxonomy whose active model a person activated (``styletag model activate``, ``register --activate``);
+    else the shipped checkpoint's (the bootstrap). Models of several taxonomies activated and no
+    ``STYLETAG_MODEL`` is a ConfigError: which one uploads and retags serve is the shop's call."""
+    from catalog.models import chosen_taxonomies
+
+    configured = configured or configured_meta(settings).taxonomy.name
+    if settings.model_path:
+        return configured
+    chosen = chosen_taxonomies(session)
+    if len(chosen) > 1:
+        raise SeveralTaxonomies(f"models of several taxonomies are active ({', '.join(chosen)}); set STYLETAG_MODEL to "
+                          "a checkpoint of the taxonomy this deployment serves")
+    return chosen[0] if chosen else configured
+
+
 def ensure_serving(settings: Settings, *, verify: bool = True):
-    """The active model (a ``catalog.models.ModelRecord``) of the configured checkpoint's taxonomy. On an
-    empty registry the configured checkpoint is verified (weights and metadata against its version, with
-    torch, unless ``verify`` is False) and then registered and activated (activated_by "bootstrap")."""
+    """The active model (a ``catalog.models.ModelRecord``) of the served taxonomy (:func:`served_taxonomy`).
+    On an empty registry the configured checkpoint is verified (weights and metadata against its version,
+    with torch, unless ``verify`` is False) and then registered and activated (activated_by "bootstrap")."""
     from catalog.db import session_scope
     from catalog.labels import sync_labels
     from catalog.models import active_model, ensure_active
 
     meta = configured_meta(settings)
     with session_scope(settings.database_url) as session:
-        record = active_model(session, meta.taxonomy.name)
+        taxonomy = served_taxonomy(settings, session, configured=meta.taxonomy.name)
+        record = active_model(session, taxonomy)
         if record is not None:
-            sync_labels(session, meta.taxonomy)
+            if taxonomy == meta.taxonomy.name:
+                sync_labels(session, meta.taxonomy)
             return record
     if verify:
         from model.checkpoint import load_checkpoint
@@ -275,7 +331,7 @@ def ensure_serving(settings: Settings, *, verify: bool = True):
 
 def preflight(settings: Settings) -> str:
     """Check, without torch, that this worker has a model to serve before it consumes anything: the
-    configured checkpoint is readable, and the active model of its taxonomy has a readable checkpoint of
+    configured checkpoint is readable, and the active model of the served taxonomy has a readable checkpoint of
     the registered version. Raises ModelUnavailable (or ConfigError); returns a one-line description.
     When the database cannot be reached, only the configured checkpoint is checked (tasks retry on
     database errors anyway)."""
@@ -289,7 +345,7 @@ def preflight(settings: Settings) -> str:
     meta = configured_meta(settings)
     try:
         with session_scope(settings.database_url) as session:
-            record = active_model(session, meta.taxonomy.name)
+            record = active_model(session, served_taxonomy(settings, session, configured=meta.taxonomy.name))
     except DBAPIError as exc:
         log.warning("model preflight: database unavailable (%s); checked the configured checkpoint only",
                     str(getattr(exc, "orig", exc)).splitlines()[0][:200])
@@ -313,6 +369,8 @@ def get_context(settings: Settings | None = None) -> WorkerContext:
     global _context
     with _lock:
         if _context is None or (settings is not None and settings != _context.settings):
+            if _context is not None:
+                _context.close()
             settings = settings or Settings.from_env()
             _context = WorkerContext(settings, device=settings.device or None)
         return _context
@@ -321,4 +379,6 @@ def get_context(settings: Settings | None = None) -> WorkerContext:
 def reset_context() -> None:
     global _context
     with _lock:
+        if _context is not None:
+            _context.close()
         _context = None

@@ -155,6 +155,9 @@ class Pipeline:
                             sorted(set(self.colours.palette) - set(self.colour_ids)),
                             getattr(self.labels, "taxonomy", "?"))
         self.reader = ctx.reader
+        # A photo's decode in decoder processes (worker/decode_pool.py), else on the fetch threads
+        self.decode_pool = ctx.decode_pool(self.spec, colour_names=self.colours is not None) \
+            if hasattr(ctx, "decode_pool") and self.spec is not None else None
         self.lookahead = lookahead
         self.model_threads = max(1, int(getattr(ctx, "model_threads", 1) or 1))
         # Fetch threads wait on I/O; decoding is CPU work: no more decoders at once than cores
@@ -193,11 +196,18 @@ class Pipeline:
             return None, exc, time.perf_counter() - t0, 0.0
         t1 = time.perf_counter()
         c = self.colours
+        args = (data, self.spec, self.settings.max_image_pixels)
+        kwargs = {"colours": c is not None, "max_colours": c.max_colours if c else 2,
+                  "min_share": c.min_share if c else 0.25}
+        if self.decode_pool is not None:  # in a decoder process; this thread waits without the GIL
+            try:
+                return self.decode_pool.decode(*args, **kwargs), None, t1 - t0, time.perf_counter() - t1
+            except Exception as exc:  # noqa: BLE001 - BadImage, or anything a decoder raises on one image
+                return None, exc, t1 - t0, time.perf_counter() - t1
         with self._decoders:  # the wait for a free core counts as neither stage
             t2 = time.perf_counter()
             try:
-                decoded = decode(data, self.spec, self.settings.max_image_pixels, colours=c is not None,
-                                 max_colours=c.max_colours if c else 2, min_share=c.min_share if c else 0.25)
+                decoded = decode(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - BadImage, or anything a decoder raises on one image
                 return None, exc, t1 - t0, time.perf_counter() - t2
             return decoded, None, t1 - t0, time.perf_counter() - t2

@@ -18,6 +18,18 @@ def _settings() -> Settings:
     return Settings.from_env()
 
 
+def _bootstrap(settings: Settings) -> None:
+    """Register and activate the configured checkpoint when the registry has no active model of the served
+    taxonomy. Models of several taxonomies active is no obstacle here: activating or registering is how an
+    operator sorts that out."""
+    from worker.context import SeveralTaxonomies, ensure_serving
+
+    try:
+        ensure_serving(settings)
+    except SeveralTaxonomies:
+        pass
+
+
 def _who(by: str | None) -> str:
     from catalog.models import operator
 
@@ -44,11 +56,9 @@ def register_cmd(path, then_activate, by, as_json) -> None:
     from catalog.db import session_scope
     from catalog.models import activate, register_checkpoint
     from model.checkpoint import load_checkpoint
-    from worker.context import ensure_serving
-
     settings = _settings()
     load_checkpoint(path)  # a modified or unreadable file is refused before it is registered
-    ensure_serving(settings)  # the registry knows what is served now, so rollback can come back to it
+    _bootstrap(settings)  # the registry knows what is served now, so rollback can come back to it
     with session_scope(settings.database_url) as session:
         record = register_checkpoint(session, path)
         if then_activate:
@@ -97,10 +107,8 @@ def activate_cmd(version, by, as_json) -> None:
     cancelled. Then 'styletag retag --changed-only' retags the catalog with it."""
     from catalog.db import session_scope
     from catalog.models import activate, active_model, get_model, superseded_runs
-    from worker.context import ensure_serving
-
     settings = _settings()
-    ensure_serving(settings)
+    _bootstrap(settings)
     with session_scope(settings.database_url) as session:
         target = get_model(session, version)
         before = active_model(session, target.taxonomy)

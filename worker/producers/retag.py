@@ -22,8 +22,8 @@ DEFAULT_CHUNK = 1024
 
 
 def current_model_version(settings: Settings) -> str:
-    """The version of the model runs are made with: the registry's active model of the configured
-    checkpoint's taxonomy (an empty registry is bootstrapped with that checkpoint, ``catalog.models``)."""
+    """The version of the model runs are made with: the registry's active model of the served taxonomy
+    (``worker.context.served_taxonomy``; an empty registry is bootstrapped with the configured checkpoint)."""
     from worker.context import ensure_serving
 
     return ensure_serving(settings).version

@@ -1,0 +1,105 @@
+"""Which taxonomy a deployment serves (``worker.context.served_taxonomy``).
+
+A newcomer's path: no ``STYLETAG_MODEL``; the first command bootstraps the registry with the shipped
+Fashion-MNIST checkpoint; the shop then registers a model of its own taxonomy with ``--activate``. From that
+moment retags and uploads are served that model (before this rule they kept the Fashion-MNIST one and tagged
+the shop's catalog with Fashion-MNIST labels). ``STYLETAG_MODEL`` still decides when it is set, and models of
+two taxonomies activated with no ``STYLETAG_MODEL`` is a one-line error, not a silent pick.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.taxonomy import Taxonomy
+from tests.support.cli import run_styletag
+from tests.support.photo_model import photo_checkpoint
+
+
+def _taxonomy(name: str) -> Taxonomy:
+    return Taxonomy.from_dict({"name": name, "levels": {
+        "coarse": {"multi_label": False, "labels": ["tops", "shoes"]},
+        "fine": {"multi_label": False, "labels": [{"name": "tshirt", "parents": ["tops"]},
+                                                  {"name": "boot", "parents": ["shoes"]}]}}})
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path, sqlite_url):
+    from worker.context import reset_context
+
+    monkeypatch.setenv("STYLETAG_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("STYLETAG_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STYLETAG_DEVICE", "cpu")
+    monkeypatch.delenv("STYLETAG_MODEL", raising=False)
+    reset_context()
+    yield tmp_path
+    reset_context()
+
+
+def _settings():
+    from catalog.settings import Settings
+
+    return Settings.from_env()
+
+
+def _cli(capsys, *args: str):
+    proc = run_styletag(capsys, *args)
+    assert proc.returncode == 0, (args, proc.stdout[-1500:], proc.stderr[-1500:])
+    return proc.stdout
+
+
+def test_a_shops_activated_taxonomy_is_served_without_styletag_model(env, capsys, monkeypatch):
+    from model.metadata import CheckpointMeta
+    from model.weights import DEFAULT_CHECKPOINT
+    from worker.context import get_context, preflight, reset_context
+    from worker.producers.retag import current_model_version
+
+    default_version = CheckpointMeta.read(DEFAULT_CHECKPOINT).model_version
+    # an empty registry serves (and bootstraps) the shipped Fashion-MNIST checkpoint
+    assert current_model_version(_settings()) == default_version
+    assert get_context(_settings()).taxonomy == "fashion-mnist"
+
+    shop = env / "shop.safetensors"
+    shop_version = photo_checkpoint(shop, taxonomy=_taxonomy("my-shop"), seed=1)
+    reg = json.loads(_cli(capsys, "model", "register", str(shop), "--activate", "--json"))
+    assert reg["version"] == shop_version and reg["status"] == "active"
+
+    # the retag producer, a running worker's context (no restart) and the preflight all follow it
+    assert current_model_version(_settings()) == shop_version
+    ctx = get_context(_settings())
+    assert ctx.taxonomy == "my-shop" and ctx.active_version() == shop_version
+    assert shop_version in preflight(_settings())
+
+    # STYLETAG_MODEL still names the served taxonomy when it is set
+    monkeypatch.setenv("STYLETAG_MODEL", str(DEFAULT_CHECKPOINT))
+    reset_context()
+    assert current_model_version(_settings()) == default_version
+    assert get_context(_settings()).active_version() == default_version
+
+
+def test_two_activated_taxonomies_without_styletag_model_is_a_one_line_error(env, capsys, monkeypatch):
+    from model.weights import DEFAULT_CHECKPOINT
+    from worker.context import SeveralTaxonomies, ensure_serving
+    from worker.producers.retag import current_model_version
+
+    versions = {}
+    for name in ("shop-a", "shop-b"):
+        path = env / f"{name}.safetensors"
+        versions[name] = photo_checkpoint(path, taxonomy=_taxonomy(name), seed=len(versions))
+        _cli(capsys, "model", "register", str(path), "--activate")  # the second is accepted: activating sorts it out
+
+    with pytest.raises(SeveralTaxonomies, match=r"several taxonomies are active \(shop-a, shop-b\); set STYLETAG_MODEL"):
+        current_model_version(_settings())
+    proc = run_styletag(capsys, "retag", "--all", "--inline")
+    assert proc.returncode != 0
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "several taxonomies are active" in err[0] and "Traceback" not in proc.stderr, proc.stderr
+
+    # naming one of them settles it; the Fashion-MNIST bootstrap (never activated by a person) never counts
+    path_b = env / "shop-b.safetensors"
+    monkeypatch.setenv("STYLETAG_MODEL", str(path_b))
+    assert ensure_serving(_settings()).version == versions["shop-b"]
+    monkeypatch.setenv("STYLETAG_MODEL", str(DEFAULT_CHECKPOINT))
+    assert ensure_serving(_settings()).taxonomy == "fashion-mnist"
