@@ -104,24 +104,37 @@ def ensure_photo_catalog(n: int, model: str) -> tuple[str, str]:
 
 
 def served_decode_rate(blobs: list[bytes], spec, colours, max_pixels: int, *, threads: int = 1,
-                       repeats: int = 2) -> float:
+                       repeats: int = 2, procs: int = 0) -> float:
     """Images/s of ``model.preprocess.decode`` exactly as ``worker.pipeline`` calls it (model input and,
-    when the checkpoint tags colours, the garment's colours from the same backdrop fit)."""
+    when the checkpoint tags colours, the garment's colours from the same backdrop fit); with ``procs``, in
+    that many decoder processes (``worker.decode_pool``, as a photo model's worker does), fed by ``threads``."""
     from model.preprocess import decode
 
     kw = {"colours": colours is not None, "max_colours": colours.max_colours if colours else 2,
           "min_share": colours.min_share if colours else 0.25}
+    decoders = None
+    if procs:
+        from worker.decode_pool import DecodePool
+
+        decoders = DecodePool(procs, colour_names=colours is not None)
+        list(ThreadPoolExecutor(procs).map(lambda b: decoders.decode(b, spec, max_pixels, **kw), blobs[:procs * 4]))
 
     def one(b):
+        if decoders is not None:
+            return decoders.decode(b, spec, max_pixels, **kw)
         return decode(b, spec, max_pixels, **kw)
 
     def best(go) -> float:
         return min(_timed(go) for _ in range(repeats))
 
-    if threads <= 1:
-        return len(blobs) / best(lambda: [one(b) for b in blobs])
-    with ThreadPoolExecutor(threads) as pool:
-        return len(blobs) / best(lambda: list(pool.map(one, blobs)))
+    try:
+        if threads <= 1:
+            return len(blobs) / best(lambda: [one(b) for b in blobs])
+        with ThreadPoolExecutor(threads) as pool:
+            return len(blobs) / best(lambda: list(pool.map(one, blobs)))
+    finally:
+        if decoders is not None:
+            decoders.close()
 
 
 def _timed(fn) -> float:
@@ -149,12 +162,15 @@ def tags_per_product(ctx, blobs: list[bytes], max_pixels: int) -> float:
 def measure_stages(ctx, settings, reader, uris: list[str], blobs: list[bytes], n: int, tpp: int,
                    quick: bool) -> tuple[dict[str, float], dict[str, float]]:
     """The four stage rates that bound the end-to-end run (bench.stages' functions; decode as served), and
-    the decode rates on ``fetch_threads`` threads and on one (the bound takes the better)."""
+    the decode rates on ``fetch_threads`` threads, on one, and in a decoder process per core as served
+    (the bound takes the best)."""
     threads = settings.fetch_threads
     spec, colours, mp = ctx.predictor.spec, ctx.predictor.colours, settings.max_image_pixels
     images = settings.batch_size if quick else max(settings.batch_size * 3, n // 2)
+    procs = os.cpu_count() or 1
     decode = {f"{threads}threads": served_decode_rate(blobs, spec, colours, mp, threads=threads),
-              "1thread": served_decode_rate(blobs, spec, colours, mp, threads=1)}
+              "1thread": served_decode_rate(blobs, spec, colours, mp, threads=1),
+              f"{procs}procs": served_decode_rate(blobs, spec, colours, mp, threads=threads, procs=procs)}
     rates = {
         "fetch": fetch_rate(reader, uris, threads),
         "decode": max(decode.values()),

@@ -7,7 +7,8 @@ hands it the fetched bytes and waits (without the GIL) for the decoded array. Th
 are exactly the threaded path's, so the tensors do not depend on where the decode ran.
 
 One pool per worker process (``WorkerContext.decode_pool``), started on first use: spawned, not forked, so
-it is safe from a Celery pool child with threads running, and it imports no torch. Each decoder process
+it is safe from a Celery pool child with threads running (which multiprocessing marks daemonic:
+:func:`_allow_children`), and it imports no torch. Each decoder process
 exits by itself when the process that started it is gone (a SIGKILLed worker leaves no decoders behind).
 A decoder that dies (the OOM killer, a signal) breaks the pool: it is replaced and the image retried once
 on the new pool; an image that kills a fresh decoder too is that image's failure (``bad_image``), never
@@ -62,6 +63,26 @@ def _decode(data: bytes, spec, max_pixels: int, colours: bool, max_colours: int,
         return "error", exc.__class__.__name__, str(exc)[:500]
 
 
+def _allow_children() -> None:
+    """Let a Celery prefork child start decoder processes. billiard makes its own process object
+    multiprocessing's current process, marked daemonic (multiprocessing refuses to start children from a
+    daemonic process, so that none is orphaned when it dies) and with billiard's authkey type (which the
+    standard library's spawn refuses to pickle). Decoder processes watch their parent themselves
+    (:func:`_watch_parent`), so the mark is lifted, and the key is handed over as the standard library's
+    type; neither changes anything else in this process."""
+    import multiprocessing
+    from multiprocessing.process import AuthenticationString
+
+    current = multiprocessing.current_process()
+    if current._config.get("daemon"):
+        log.info("decoder processes from a daemonic worker process (a Celery pool child): allowed, they exit "
+                 "with it")
+        current._config["daemon"] = False
+    key = current._config.get("authkey")
+    if key is not None and type(key) is not AuthenticationString:
+        current._config["authkey"] = AuthenticationString(bytes(key))
+
+
 class DecoderError(Exception):
     """Something other than a BadImage raised while decoding one image in a decoder process."""
 
@@ -79,6 +100,7 @@ class DecodePool:
             if self._pool is None:
                 import multiprocessing
 
+                _allow_children()
                 self._pool = ProcessPoolExecutor(self.procs, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=_start_decoder, initargs=(os.getpid(), self.colour_names))
             return self._pool
