@@ -47,7 +47,7 @@ TARGET_BOUND = 0.9
 TARGET_SCRIPT = 1.0
 TARGET_NAIVE = 5.0
 SCRIPT_WORKERS = (0, 1, 2)
-PARTS = ("stages", "inline", "celery", "script", "naive", "decoder")
+PARTS = ("stages", "inline", "celery", "script", "naive", "decoder", "procs")
 
 
 # --- the checkpoint and the catalog ------------------------------------------------------------------
@@ -120,14 +120,17 @@ def served_decode_rate(blobs: list[bytes], spec, colours, max_pixels: int, *, th
         list(ThreadPoolExecutor(procs).map(lambda b: decoders.decode(b, spec, max_pixels, **kw), blobs[:procs * 4]))
 
     def one(b):
-        if decoders is not None:
-            return decoders.decode(b, spec, max_pixels, **kw)
         return decode(b, spec, max_pixels, **kw)
 
     def best(go) -> float:
         return min(_timed(go) for _ in range(repeats))
 
     try:
+        if decoders is not None:  # as the pipeline hands them over: chunks of 16 from ``threads`` threads
+            chunks = [blobs[i:i + 16] for i in range(0, len(blobs), 16)]
+            with ThreadPoolExecutor(threads) as pool:
+                return len(blobs) / best(lambda: list(pool.map(
+                    lambda c: decoders.decode_many(c, spec, max_pixels, **kw), chunks)))
         if threads <= 1:
             return len(blobs) / best(lambda: [one(b) for b in blobs])
         with ThreadPoolExecutor(threads) as pool:
@@ -135,6 +138,27 @@ def served_decode_rate(blobs: list[bytes], spec, colours, max_pixels: int, *, th
     finally:
         if decoders is not None:
             decoders.close()
+
+
+def decode_procs_ab(res: C.Result, db: str, settings, repeats: int) -> None:
+    """Inline retags with the decode on the fetch threads (``STYLETAG_DECODE_PROCS=0``, as before decoder
+    processes) and in decoder processes (the default), alternated ``repeats`` times (same load for both)."""
+    from dataclasses import replace
+
+    rates: dict[str, list[float]] = {"threads": [], "procs": []}
+    for _ in range(max(2, repeats)):
+        for label, procs in (("threads", 0), ("procs", -1)):
+            C.reset_tags(db)
+            r = C.inline_retag(replace(settings, decode_procs=procs))
+            rates[label].append(r["images_per_s"])
+            C.log(f"photo inline, decode on {label}: {r['images_per_s']:.0f}/s")
+    figs = res.figures
+    figs["photo_ab_decode_procs_img_s"] = rates
+    ratio = max(rates["procs"]) / max(rates["threads"])
+    figs["photo_ab_decode_procs_ratio"] = ratio
+    res.checks.append(C.check("photo inline: decoder processes vs decode on threads (best of each)",
+                              max(rates["procs"]), unit="img/s", baseline=max(rates["threads"]),
+                              baseline_label="threads", ratio=ratio, target="(info)", met=None))
 
 
 def _timed(fn) -> float:
@@ -328,6 +352,8 @@ def main(argv=None) -> int:
             runs["inline"].append(C.inline_retag(settings))
             C.log(f"photo inline: {runs['inline'][-1]['images_per_s']:.0f}/s")
         figs["photo_tags_per_product_written"] = tag_rows_per_product(db)
+    if "procs" in parts:
+        decode_procs_ab(res, db, settings, repeats)
     if parts & {"celery", "script"}:
         # alternated (script sweep, ours, script sweep, ours): a noisy neighbour does not decide the ratio
         C.flush_broker()

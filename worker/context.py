@@ -62,6 +62,7 @@ class WorkerContext:
     _taxonomy: str | None = field(default=None, init=False, repr=False)
     _threads_set: bool = field(default=False, init=False, repr=False)
     _decode_pool: object = field(default=None, init=False, repr=False)  # worker.decode_pool.DecodePool
+    _pool_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     # -- loading ------------------------------------------------------------------------------------
     def _load_file(self, path: Path, version: str | None = None) -> LoadedModel:
@@ -81,6 +82,10 @@ class WorkerContext:
             from model.colour import warm_tables
 
             warm_tables(names=predictor.colours is not None)
+            # and its decoder processes, so that the first upload does not wait for them to start
+            pool = self.decode_pool(predictor.spec, colour_names=predictor.colours is not None)
+            if pool is not None:
+                pool.start()
         loaded = LoadedModel(predictor.model_version, predictor, path)
         log.info(
             "model loaded: version=%s backbone=%s device=%s input=%dpx model_threads=%d",
@@ -226,7 +231,7 @@ class WorkerContext:
             procs = 0 if spec is None or spec.is_legacy else (os.cpu_count() or 1)
         if procs == 0:
             return None
-        with self._load_lock:
+        with self._pool_lock:
             if self._decode_pool is None:
                 from worker.decode_pool import DecodePool
 

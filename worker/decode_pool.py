@@ -1,9 +1,10 @@
 """Decoding in worker processes: the photo preprocessing on every core, not on one under the GIL.
 
-A photo decode (``model.preprocess.decode``: JPEG open, backdrop fit, crop, Lab, colour names) is ~4 ms of
+A photo decode (``model.preprocess.decode``: JPEG open, backdrop fit, crop, Lab, colour names) is 2-4 ms of
 mostly GIL-holding Python and numpy, so a pipeline decoding on threads uses about one core whatever its
 thread count. A :class:`DecodePool` runs the same function in ``procs`` spawned processes: a fetch thread
-hands it the fetched bytes and waits (without the GIL) for the decoded array. The function and its inputs
+hands it the bytes of the few images it fetched (:meth:`DecodePool.decode_many`, one round trip for them)
+and waits, without the GIL, for the decoded arrays. The function and its inputs
 are exactly the threaded path's, so the tensors do not depend on where the decode ran.
 
 One pool per worker process (``WorkerContext.decode_pool``), started on first use: spawned, not forked, so
@@ -50,6 +51,14 @@ def _start_decoder(parent: int, colour_names: bool) -> None:  # pragma: no cover
     warm_tables(names=colour_names)
 
 
+def _ready() -> int:
+    """A task that holds its decoder process a moment, so that starting ``procs`` of them starts every process."""
+    import time
+
+    time.sleep(0.05)
+    return os.getpid()
+
+
 def _decode(data: bytes, spec, max_pixels: int, colours: bool, max_colours: int, min_share: float):
     """``model.preprocess.decode`` with its one-image errors returned, not raised: a BadImage's reason must
     cross the process boundary intact (exceptions pickle by their args only)."""
@@ -83,8 +92,21 @@ def _allow_children() -> None:
         current._config["authkey"] = AuthenticationString(bytes(key))
 
 
+def _decode_many(blobs: list[bytes], spec, max_pixels: int, colours: bool, max_colours: int, min_share: float):
+    return [_decode(b, spec, max_pixels, colours, max_colours, min_share) for b in blobs]
+
+
 class DecoderError(Exception):
     """Something other than a BadImage raised while decoding one image in a decoder process."""
+
+
+def _outcome(out: tuple):
+    """What :func:`_decode` returned -> the ``Decoded``, or the image's exception (not raised)."""
+    if out[0] == "ok":
+        return out[1]
+    if out[0] == "bad":
+        return BadImage(out[2], reason=out[1])
+    return DecoderError(f"{out[1]}: {out[2]}")
 
 
 class DecodePool:
@@ -113,23 +135,49 @@ class DecodePool:
                 log.warning("a decoder process died; starting a new decode pool (%d restart(s))", self.restarts)
         broken.shutdown(wait=False, cancel_futures=True)
 
+    def start(self) -> None:
+        """Start every decoder process now (each builds its colour tables), rather than on the first images."""
+        pool = self._executor()
+        try:
+            for f in [pool.submit(_ready) for _ in range(self.procs)]:
+                f.result()
+        except BrokenProcessPool:
+            self._replace(pool)
+
     def decode(self, data: bytes, spec, max_pixels: int, *, colours: bool = False, max_colours: int = 2,
                min_share: float = 0.25):
         """``model.preprocess.decode`` run in a decoder process (blocks the calling thread, not the GIL)."""
+        out = self._one(data, (spec, max_pixels, colours, max_colours, min_share))
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def decode_many(self, blobs: list[bytes], spec, max_pixels: int, *, colours: bool = False, max_colours: int = 2,
+                    min_share: float = 0.25) -> list:
+        """:meth:`decode` of each blob, handed to one decoder process at once (one round trip for the lot:
+        measured 1,130-1,170 photos/s on 2 processes in chunks of 16 against 790-850 one by one). Returns,
+        per blob, its ``Decoded`` or its exception (a BadImage, or a DecoderError), never raises for one image."""
+        args = (spec, max_pixels, colours, max_colours, min_share)
+        if len(blobs) == 1:
+            return [self._one(blobs[0], args)]
+        pool = self._executor()
+        try:
+            outs = pool.submit(_decode_many, blobs, *args).result()
+        except BrokenProcessPool:  # a decoder died: each image again, alone, so only a culprit fails
+            self._replace(pool)
+            return [self._one(b, args) for b in blobs]
+        return [_outcome(o) for o in outs]
+
+    def _one(self, data: bytes, args: tuple):
         for attempt in (1, 2):
             pool = self._executor()
             try:
-                out = pool.submit(_decode, data, spec, max_pixels, colours, max_colours, min_share).result()
-                break
+                return _outcome(pool.submit(_decode, data, *args).result())
             except BrokenProcessPool:
                 self._replace(pool)
                 if attempt == 2:
-                    raise BadImage("the decoder process died on this image (twice)") from None
-        if out[0] == "ok":
-            return out[1]
-        if out[0] == "bad":
-            raise BadImage(out[2], reason=out[1])
-        raise DecoderError(f"{out[1]}: {out[2]}")
+                    return BadImage("the decoder process died twice while decoding this image")
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:

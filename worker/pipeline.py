@@ -182,40 +182,66 @@ class Pipeline:
         return cls(ctx, model_version=version, shadow=kind == "shadow", **kwargs)
 
     # -- stages ---------------------------------------------------------------------------------
-    def _fetch_decode(self, item: Item) -> tuple[object | None, BaseException | None, float, float]:
-        """(model.preprocess.Decoded or None, the item's error or None, fetch seconds, decode seconds)."""
-        from model.preprocess import decode
-
+    def _fetch(self, item: Item) -> tuple[bytes | None, BaseException | None, float]:
+        """(the image's bytes or None, the item's error or None, fetch seconds)."""
         t0 = time.perf_counter()
         try:
             fetched = self.reader.fetch(item.uri)  # the bytes and the version of exactly those bytes
-            data, self._versions[item.product_id] = fetched.data, fetched.version
-        except (StorageError, BadImage) as exc:
-            return None, exc, time.perf_counter() - t0, 0.0
+            self._versions[item.product_id] = fetched.version
+            return fetched.data, None, time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - one item's failure is that item's failure, never its batch's
-            return None, exc, time.perf_counter() - t0, 0.0
-        t1 = time.perf_counter()
+            return None, exc, time.perf_counter() - t0
+
+    def _decode_kwargs(self) -> dict:
         c = self.colours
-        args = (data, self.spec, self.settings.max_image_pixels)
-        kwargs = {"colours": c is not None, "max_colours": c.max_colours if c else 2,
-                  "min_share": c.min_share if c else 0.25}
-        if self.decode_pool is not None:  # in a decoder process; this thread waits without the GIL
-            try:
-                return self.decode_pool.decode(*args, **kwargs), None, t1 - t0, time.perf_counter() - t1
-            except Exception as exc:  # noqa: BLE001 - BadImage, or anything a decoder raises on one image
-                return None, exc, t1 - t0, time.perf_counter() - t1
+        return {"colours": c is not None, "max_colours": c.max_colours if c else 2,
+                "min_share": c.min_share if c else 0.25}
+
+    def _fetch_decode(self, item: Item) -> tuple[object | None, BaseException | None, float, float]:
+        """(model.preprocess.Decoded or None, the item's error or None, fetch seconds, decode seconds): on this
+        thread, with at most ``decode_threads`` decoding at once."""
+        from model.preprocess import decode
+
+        data, exc, fetch_s = self._fetch(item)
+        if exc is not None:
+            return None, exc, fetch_s, 0.0
         with self._decoders:  # the wait for a free core counts as neither stage
             t2 = time.perf_counter()
             try:
-                decoded = decode(*args, **kwargs)
+                decoded = decode(data, self.spec, self.settings.max_image_pixels, **self._decode_kwargs())
             except Exception as exc:  # noqa: BLE001 - BadImage, or anything a decoder raises on one image
-                return None, exc, t1 - t0, time.perf_counter() - t2
-            return decoded, None, t1 - t0, time.perf_counter() - t2
+                return None, exc, fetch_s, time.perf_counter() - t2
+            return decoded, None, fetch_s, time.perf_counter() - t2
+
+    def _fetch_decode_chunk(self, items: list[Item]) -> list[tuple[object | None, BaseException | None, float, float]]:
+        """:meth:`_fetch_decode` of a few items, fetched on this thread one after the other and then decoded in
+        one round trip to a decoder process (``worker.decode_pool``)."""
+        fetched = [self._fetch(item) for item in items]
+        ok = [i for i, (_, exc, _) in enumerate(fetched) if exc is None]
+        t0 = time.perf_counter()
+        decoded = self.decode_pool.decode_many([fetched[i][0] for i in ok], self.spec,
+                                               self.settings.max_image_pixels, **self._decode_kwargs()) if ok else []
+        each = (time.perf_counter() - t0) / max(1, len(ok))
+        out = [(None, exc, fs, 0.0) for _, exc, fs in fetched]
+        for i, dec in zip(ok, decoded, strict=True):
+            out[i] = (None, dec, fetched[i][2], each) if isinstance(dec, BaseException) else (dec, None,
+                                                                                              fetched[i][2], each)
+        return out
+
+    def _chunk_size(self, n: int) -> int:
+        """Images per hand-over to a decoder process: up to 16, and at least two chunks per decoder process
+        so that every process has work (a lone upload is a chunk of one)."""
+        return max(1, min(16, n // (2 * self.decode_pool.procs)))
 
     def prepare(self, ids: list[int], pool: ThreadPoolExecutor) -> Prepared:
         t0 = time.perf_counter()
         items = load_items(self.settings.database_url, ids)
-        results = list(pool.map(self._fetch_decode, items))
+        if self.decode_pool is not None:
+            size = self._chunk_size(len(items))
+            chunks = [items[i:i + size] for i in range(0, len(items), size)]
+            results = [r for part in pool.map(self._fetch_decode_chunk, chunks) for r in part]
+        else:
+            results = list(pool.map(self._fetch_decode, items))
         # What the worker read is what it records: the fetched version, else the catalog's (nothing read).
         items = [replace(it, image_version=self._versions.pop(it.product_id, it.image_version)) for it in items]
         ok_items, arrays, colours, failures = [], [], [], []

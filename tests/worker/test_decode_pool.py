@@ -216,3 +216,17 @@ def test_a_photo_retag_writes_the_same_tags_with_and_without_decoder_processes(s
     assert {lvl for _, lvl, *_ in styles} == {"coarse", "fine", "colour"}
     assert [tuple(s) for s in states if s[0] == "p7"] == [("p7", "failed", "not_an_image")]
     assert got["2"] == got["0"]
+
+
+def test_decode_many_gives_each_image_its_own_outcome(pool):
+    blobs = [_photo(10), b"junk", _photo(11), _photo(12)[:2000]]
+    got = pool.decode_many(blobs, PHOTO_SPEC, MAX_PIXELS, colours=True)
+    assert len(got) == 4
+    for data, out in zip(blobs, got, strict=True):
+        try:
+            want = decode(data, PHOTO_SPEC, MAX_PIXELS, colours=True)
+        except BadImage as exc:
+            assert isinstance(out, BadImage) and (out.reason, str(out)) == (exc.reason, str(exc))
+        else:
+            assert out.array.tobytes() == want.array.tobytes() and out.colours == want.colours
+    assert [type(o).__name__ for o in got] == ["Decoded", "BadImage", "Decoded", "BadImage"]

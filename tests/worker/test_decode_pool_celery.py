@@ -3,8 +3,8 @@
 A Celery pool child is a daemonic process, from which multiprocessing refuses to start children; the decode
 pool lifts that (``worker.decode_pool._allow_children``) and its decoders watch their parent instead. Shown
 here: a retag of a photo catalog through the worker tags every photo (one unreadable file fails alone with
-its reason), the decoding ran in decoder processes under the pool child, and those exit by themselves when
-the worker is SIGKILLed.
+its reason), the decoder processes start with the model (before the first image) under the pool child, and
+they exit by themselves when the worker is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ def _children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(entry.name))
     return out
+
+
+def _tree(pid: int) -> list[int]:
+    tree, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        tree += kids
+        todo += kids
+    return tree
 
 
 def _cmdline(pid: int) -> str:
@@ -71,6 +80,8 @@ def test_a_celery_worker_decodes_photos_in_decoder_processes(photo_env, tmp_path
     decoders: list[int] = []
     try:
         w.wait_ready(1)
+        # started with the model, before any image: the first upload does not wait for them
+        assert any("spawn_main" in _cmdline(d) for d in _tree(w.proc.pid)), w.text()[-2000:]
         proc = run_cli(photo_env, "retag", "--all", "--wait", "--timeout", "240", "--json")
         assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:], w.text()[-3000:])
         run = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -78,11 +89,7 @@ def test_a_celery_worker_decodes_photos_in_decoder_processes(photo_env, tmp_path
         assert "daemonic" not in w.text().replace("decoder processes from a daemonic", "")
 
         # launcher -> Celery main -> pool child -> decoders (spawned: their command line says so)
-        tree, todo = [], [w.proc.pid]
-        while todo:
-            kids = _children(todo.pop())
-            tree += kids
-            todo += kids
+        tree = _tree(w.proc.pid)
         decoders = [d for d in tree if "multiprocessing" in _cmdline(d)]
         assert decoders, [(d, _cmdline(d)) for d in tree]
         assert any("spawn_main" in _cmdline(d) for d in decoders)
