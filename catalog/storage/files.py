@@ -167,6 +167,21 @@ class FileBackend:
 
     # -- reading
     def _open(self, loc: Location) -> int:
+        # The common case without realpath's per-component lstat calls in Python: a path that lies beneath a
+        # root as written, opened with no symlink allowed on the way (the kernel checks that). A symlink on
+        # the way (ELOOP, ENOTDIR) or a ".." takes the resolving route below, which decides as before.
+        if "/.." not in loc.path and "/./" not in loc.path and "//" not in loc.path:
+            root = self._root_of(loc.path)
+            if root is not None and len(loc.path) > len(root) + 1:
+                dir_fd = os.open(root, _DIR_FLAGS)
+                try:
+                    opener = openat2_beneath if self.use_openat2 else walk_beneath
+                    return opener(dir_fd, loc.path[len(root) + 1:], _READ_FLAGS)
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV, errno.EMLINK):
+                        raise
+                finally:
+                    os.close(dir_fd)
         real = os.path.realpath(loc.path)
         probe = Location(uri=loc.uri, scheme="file", path=real)
         roots = [r for r in self.roots if uris.under(probe, Location(uri="", scheme="file", path=r))]
@@ -182,6 +197,14 @@ class FileBackend:
             return opener(dir_fd, rel, _READ_FLAGS)
         finally:
             os.close(dir_fd)
+
+    def _root_of(self, path: str) -> str | None:
+        """The longest root that ``path`` lies beneath as written (no resolution)."""
+        best = None
+        for r in self.roots:
+            if path.startswith(r) and (r == "/" or path[len(r):len(r) + 1] == "/") and (best is None or len(r) > len(best)):
+                best = r
+        return None if best == "/" else best
 
     def _open_regular(self, loc: Location) -> tuple[int, os.stat_result]:
         try:

@@ -197,8 +197,9 @@ def _file_reader(tmp_path):
 @pytest.mark.parametrize("exc", [OSError(errno.EINVAL, "Invalid argument"), OSError(errno.EIO, "I/O error"),
                                  ValueError("odd"), UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogate")])
 def test_unexpected_errors_in_a_read_become_typed(tmp_path, monkeypatch, exc):
-    """``realpath`` raising EINVAL (it does when a name is swapped for a symlink under it), an I/O error,
-    a ValueError from deep inside: each is the StorageError of that one URI, never a bare exception."""
+    """``realpath`` or the open raising EINVAL (realpath does when a name is swapped for a symlink under it),
+    an I/O error, a ValueError from deep inside: each is the StorageError of that one URI, never a bare
+    exception."""
     import catalog.storage.files as files
 
     reader, uri = _file_reader(tmp_path)
@@ -207,6 +208,9 @@ def test_unexpected_errors_in_a_read_become_typed(tmp_path, monkeypatch, exc):
         raise exc
 
     monkeypatch.setattr(files.os.path, "realpath", boom)
+    # and the open beneath the root (the route a path without symlinks takes, realpath not called)
+    monkeypatch.setattr(files, "openat2_beneath", lambda *a: boom(a))
+    monkeypatch.setattr(files, "walk_beneath", lambda *a: boom(a))
     for call in (reader.get, reader.head, reader.fetch):
         with pytest.raises(StorageError) as info:
             call(uri)
