@@ -377,6 +377,9 @@ def test_custom_taxonomy_from_catalog_to_storefront(pg_clean, shop_env, monkeypa
     test_skus = {s for s in truth if fnmatch.fnmatchcase(s, TEST_GLOB)}
     assert len(test_skus) == N_PRODUCTS // 5
     assert f"test {len(test_skus)}, never read here" in out
+    # a catalog this small is told so, in one line each (validation ~38 products, batches of 32: 5 steps)
+    assert "validation products: the temperature, review threshold and early stopping" in out
+    assert "optimizer step(s) per epoch; --batch-size 8 learns more per epoch" in out
     _, meta = load_checkpoint(model)
     rule = SplitRule.parse("70/20/10", test_match=TEST_GLOB)
     assert meta["data"]["split"] == rule.to_dict()  # the rule is recorded...

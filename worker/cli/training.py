@@ -210,6 +210,8 @@ def _train_from_catalog(*, taxonomy_name, split, test_match, backbone, pretraine
     del images
     if val_set is None:
         click.echo("warning: no validation products: no early stopping, temperature or review threshold")
+    for line in small_data_warnings(len(train_set), 0 if val_set is None else len(val_set), batch_size):
+        click.echo(line)
     mean, std = _norm(spec, train_set.images)
     spec_d = {**spec.to_dict(), "mean": list(mean), "std": list(std)}
     out_train = out_val = None
@@ -243,6 +245,26 @@ def _train_from_catalog(*, taxonomy_name, split, test_match, backbone, pretraine
     _, meta = train(cfg, tax, train_set, val_set, outliers=out_train, val_outliers=out_val,
                     command=_command_line(), data_desc=desc, progress=progress, log=click.echo)
     click.echo(f"wrote {out} (model_version {meta['model_version']}) in {time.time() - t1:.0f}s of training")
+
+
+MIN_VAL_ITEMS = 500  # below this, a temperature and thresholds fitted on validation are mostly noise
+MIN_STEPS_PER_EPOCH = 20
+
+
+def small_data_warnings(train_items: int, val_items: int, batch_size: int) -> list[str]:
+    """One-line warnings for a catalog too small for the defaults: a validation split too small to fit the
+    temperature and thresholds on, and batches so large that an epoch is a step or two."""
+    out = []
+    if 0 < val_items < MIN_VAL_ITEMS:
+        out.append(f"warning: {val_items} validation products: the temperature, review threshold and early stopping "
+                   f"fitted on so few are unreliable (aim for {MIN_VAL_ITEMS} or more; --split gives validation a "
+                   "larger share)")
+    steps = -(-train_items // batch_size) if train_items else 0
+    if 0 < steps < MIN_STEPS_PER_EPOCH:
+        suggest = max(8, 1 << max(0, (train_items // MIN_STEPS_PER_EPOCH).bit_length() - 1))
+        out.append(f"warning: {train_items} training products in batches of {batch_size}: {steps} optimizer "
+                   f"step(s) per epoch; --batch-size {suggest} learns more per epoch")
+    return out
 
 
 # --------------------------------------------------------------------------- eval
