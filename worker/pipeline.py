@@ -213,6 +213,9 @@ class Pipeline:
                 return None, exc, fetch_s, time.perf_counter() - t2
             return decoded, None, fetch_s, time.perf_counter() - t2
 
+    def _fetch_decode_each(self, items: list[Item]) -> list[tuple[object | None, BaseException | None, float, float]]:
+        return [self._fetch_decode(item) for item in items]
+
     def _fetch_decode_chunk(self, items: list[Item]) -> list[tuple[object | None, BaseException | None, float, float]]:
         """:meth:`_fetch_decode` of a few items, fetched on this thread one after the other and then decoded in
         one round trip to a decoder process (``worker.decode_pool``)."""
@@ -240,8 +243,10 @@ class Pipeline:
             size = self._chunk_size(len(items))
             chunks = [items[i:i + size] for i in range(0, len(items), size)]
             results = [r for part in pool.map(self._fetch_decode_chunk, chunks) for r in part]
-        else:
-            results = list(pool.map(self._fetch_decode, items))
+        else:  # a few items per task: a task hand-off costs more than reading and decoding a small image
+            size = max(1, min(8, len(items) // (2 * max(1, self.settings.fetch_threads))))
+            chunks = [items[i:i + size] for i in range(0, len(items), size)]
+            results = [r for part in pool.map(self._fetch_decode_each, chunks) for r in part]
         # What the worker read is what it records: the fetched version, else the catalog's (nothing read).
         items = [replace(it, image_version=self._versions.pop(it.product_id, it.image_version)) for it in items]
         ok_items, arrays, colours, failures = [], [], [], []
