@@ -327,3 +327,20 @@ def label_usage(session: Session, taxonomy: str) -> dict[int, dict[str, int]]:
                                            .group_by(model.label_id)):
             out.setdefault(label_id, {})[key] = int(n)
     return out
+
+
+def other_labelled_taxonomy(session: Session, served: str) -> str | None:
+    """A taxonomy whose labels the catalog's products carry (``style_truth``) when ``served`` has none: the
+    sign that a retag is about to tag a shop's catalog with another taxonomy's model (the Fashion-MNIST
+    bootstrap before the shop's own model is activated). None when the served taxonomy has truth labels, or
+    nothing has any. One quick query in the common case (the first truth row found is the served taxonomy's)."""
+    from catalog.schema import StyleTruth
+
+    def first(*where) -> str | None:
+        return session.scalars(select(StyleLabel.taxonomy).join(StyleTruth, StyleTruth.label_id == StyleLabel.id)
+                               .where(*where).limit(1)).first()
+
+    found = first()
+    if found is None or found == served:
+        return None
+    return None if first(StyleLabel.taxonomy == served) is not None else found

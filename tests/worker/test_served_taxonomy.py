@@ -103,3 +103,52 @@ def test_two_activated_taxonomies_without_styletag_model_is_a_one_line_error(env
     assert ensure_serving(_settings()).version == versions["shop-b"]
     monkeypatch.setenv("STYLETAG_MODEL", str(DEFAULT_CHECKPOINT))
     assert ensure_serving(_settings()).taxonomy == "fashion-mnist"
+
+
+def test_a_retag_that_would_tag_a_shops_catalog_with_another_taxonomy_says_so(env, capsys, tmp_path, monkeypatch):
+    """A shop's catalog (truth labels of its own taxonomy only) retagged before its model is activated: the
+    run goes ahead with the Fashion-MNIST bootstrap (what was asked), with one warning line naming the fix;
+    once the shop's model is active, no warning."""
+    from PIL import Image
+
+    from catalog.db import session_scope
+    from catalog.labels import other_labelled_taxonomy
+
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("STYLETAG_STORE_URL", store.as_uri())
+    monkeypatch.setenv("STYLETAG_ALLOWED_IMAGE_PREFIXES", store.as_uri() + "/")
+    tax = _taxonomy("my-shop")
+    (tmp_path / "tax.json").write_text(json.dumps(tax.to_dict()))
+    _cli(capsys, "taxonomy", "apply", str(tmp_path / "tax.json"))
+    rows = ["sku,image_uri,label:coarse,label:fine"]
+    for i, (coarse, fine) in enumerate([("tops", "tshirt"), ("shoes", "boot"), ("tops", "tshirt")]):
+        Image.new("RGB", (120, 160), (240, 240, 240)).save(store / f"p{i}.png")
+        rows.append(f"p{i},{(store / f'p{i}.png').as_uri()},{coarse},{fine}")
+    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
+    _cli(capsys, "import", "catalog", str(tmp_path / "c.csv"), "--taxonomy", "my-shop")
+
+    proc = run_styletag(capsys, "retag", "--all", "--inline")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, proc.stderr
+    assert "taxonomy 'my-shop', this run's model serves 'fashion-mnist'" in warnings[0]
+    assert "styletag train --from-catalog --taxonomy my-shop" in warnings[0]
+
+    shop = tmp_path / "shop.safetensors"
+    photo_checkpoint(shop, taxonomy=tax, seed=2)
+    _cli(capsys, "model", "register", str(shop), "--activate")
+    proc = run_styletag(capsys, "retag", "--all", "--inline")
+    assert proc.returncode == 0 and "warning:" not in proc.stderr, proc.stderr[-2000:]
+    with session_scope(_settings().database_url) as session:
+        assert other_labelled_taxonomy(session, "my-shop") is None
+        assert other_labelled_taxonomy(session, "fashion-mnist") == "my-shop"
+        assert other_labelled_taxonomy(session, "nobody-has-it") == "my-shop"
+
+
+def test_no_warning_on_a_catalog_without_truth_labels(env):
+    from catalog.db import session_scope
+    from catalog.labels import other_labelled_taxonomy
+
+    with session_scope(_settings().database_url) as session:
+        assert other_labelled_taxonomy(session, "fashion-mnist") is None

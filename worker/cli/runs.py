@@ -17,6 +17,27 @@ def _settings() -> Settings:
 RUN_ID = click.IntRange(1, 2**63 - 1)
 
 
+def _warn_other_taxonomy(settings, run_id: int) -> None:
+    """One line on standard error when the run's model serves a taxonomy the catalog has no labelled product
+    of, while another taxonomy has some (a shop's catalog about to be tagged by the Fashion-MNIST bootstrap)."""
+    from catalog.db import session_scope
+    from catalog.labels import other_labelled_taxonomy
+    from catalog.models import get_model
+    from catalog.runs import run_model
+
+    with session_scope(settings.database_url) as session:
+        info = run_model(session, run_id)
+        if info is None:
+            return
+        served = get_model(session, info[0]).taxonomy
+        other = other_labelled_taxonomy(session, served)
+    if other is not None:
+        click.echo(f"warning: the catalog's labelled products are of taxonomy {other!r}, this run's model serves "
+                   f"{served!r}: its tags will be {served!r} labels; train and activate a model of {other!r} "
+                   f"('styletag train --from-catalog --taxonomy {other} --out M.safetensors', then 'styletag model "
+                   "register M.safetensors --activate')", err=True)
+
+
 @click.command("retag")
 @click.option("--all", "scope", flag_value="all", help="Retag every product.")
 @click.option("--changed-only", "scope", flag_value="changed", default=True,
@@ -67,6 +88,7 @@ def retag_cmd(scope, wait, inline, resume, kind, chunk, timeout, as_json, skip_i
     if resume is not None:
         with session_scope(settings.database_url) as session:
             get_run(session, resume)
+    _warn_other_taxonomy(settings, run_id)
     try:
         if inline:
             report = run_inline(settings, run_id, resume=resume is not None, progress=True)
