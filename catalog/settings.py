@@ -176,6 +176,7 @@ class Settings:
     device: str = ""
     gpu: str = "none"
     queue: str = "inline"
+    host_procs: int = 1  # worker processes styletag started on this host: they share its cores for decoding
     # operations
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"  # noqa: S104 - a container's port; compose publishes it on loopback
@@ -225,6 +226,7 @@ class Settings:
             device=(_raw("STYLETAG_DEVICE") or "").strip(),
             gpu=(_raw("STYLETAG_GPU") or "none").strip(),
             queue=(_raw("STYLETAG_QUEUE") or "inline").strip(),
+            host_procs=_int("STYLETAG_HOST_PROCS", 1, minimum=1),
             metrics_port=_int("STYLETAG_METRICS_PORT", 0, minimum=0),
             metrics_addr=_raw("STYLETAG_METRICS_ADDR") or "0.0.0.0",  # noqa: S104 - see the field
             log_json=env_flag(LOG_JSON_ENV),

@@ -225,10 +225,12 @@ class WorkerContext:
     def decode_pool(self, spec, *, colour_names: bool = True):
         """This process's decoder processes for ``spec`` (``worker.decode_pool``; started on first use), or None
         when images are decoded on the fetch threads: ``STYLETAG_DECODE_PROCS`` 0, or its default (-1) with a
-        28 px model, whose decode (~0.1 ms) costs less than handing the bytes to another process."""
+        28 px model, whose decode (~0.1 ms) costs less than handing the bytes to another process. The default
+        for a photo model is the host's cores divided by the worker processes ``styletag worker`` started on
+        it (``STYLETAG_HOST_PROCS``), so that a host with 8 GPUs x 4 bulk processes does not start 32 x 16."""
         procs = self.settings.decode_procs
-        if procs < 0:
-            procs = 0 if spec is None or spec.is_legacy else (os.cpu_count() or 1)
+        if procs < 0:  # the host's cores, shared by the worker processes the launcher started on it
+            procs = 0 if spec is None or spec.is_legacy else max(1, (os.cpu_count() or 1) // self.settings.host_procs)
         if procs == 0:
             return None
         with self._pool_lock:

@@ -327,7 +327,7 @@ def test_env_example_mentions_every_setting_read_from_the_environment():
     left at its default)."""
     from catalog.settings import ENV
 
-    per_process = {ENV["device"], ENV["gpu"], ENV["queue"]}
+    per_process = {ENV["device"], ENV["gpu"], ENV["queue"], ENV["host_procs"]}
     missing = sorted(set(ENV.values()) - per_process - set(_env_example(include_commented=True)))
     assert not missing, f"add to .env.example: {missing}"
 
@@ -372,7 +372,8 @@ def test_each_service_gets_only_the_secrets_it_needs(services):
 def test_every_styletag_service_gets_the_settings_it_reads(services):
     from catalog.settings import ENV
 
-    per_process = {ENV[k] for k in ("device", "gpu", "queue", "metrics_port", "broker_sentinel_password")}
+    per_process = {ENV[k] for k in ("device", "gpu", "queue", "host_procs", "metrics_port",
+                                    "broker_sentinel_password")}
     secrets = {ENV["database_url"], ENV["broker_url"]}
     for name, service in services.items():
         if not _uses_our_image(service):

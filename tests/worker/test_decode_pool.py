@@ -138,6 +138,7 @@ def test_which_pipelines_decode_in_processes(monkeypatch, tmp_path):
     assert legacy.is_legacy and not PHOTO_SPEC.is_legacy
     monkeypatch.setenv("STYLETAG_HOME", str(tmp_path))
     monkeypatch.delenv("STYLETAG_DECODE_PROCS", raising=False)
+    monkeypatch.delenv("STYLETAG_HOST_PROCS", raising=False)
     ctx = WorkerContext(Settings.from_env())
     try:
         assert ctx.decode_pool(legacy) is None  # 28 px: the decode is cheaper than the hand-over
@@ -146,6 +147,20 @@ def test_which_pipelines_decode_in_processes(monkeypatch, tmp_path):
         assert ctx.decode_pool(PHOTO_SPEC) is pool  # one per worker process
     finally:
         ctx.close()
+    # the launcher's STYLETAG_HOST_PROCS divides the default between the worker processes of one host
+    monkeypatch.setenv("STYLETAG_HOST_PROCS", "2")
+    ctx = WorkerContext(Settings.from_env())
+    try:
+        assert ctx.decode_pool(PHOTO_SPEC).procs == max(1, (os.cpu_count() or 1) // 2)
+    finally:
+        ctx.close()
+    monkeypatch.setenv("STYLETAG_HOST_PROCS", "64")
+    ctx = WorkerContext(Settings.from_env())
+    try:
+        assert ctx.decode_pool(PHOTO_SPEC).procs == 1  # never none for a photo model
+    finally:
+        ctx.close()
+    monkeypatch.delenv("STYLETAG_HOST_PROCS")
     for value, photo, grey in (("0", None, None), ("3", 3, 3)):
         monkeypatch.setenv("STYLETAG_DECODE_PROCS", value)
         ctx = WorkerContext(Settings.from_env())

@@ -60,6 +60,9 @@ def test_bulk_procs_give_each_bulk_worker_a_pool_and_a_port_per_process():
     ports = [(s.gpu, s.queue, int(s.env["STYLETAG_METRICS_PORT"])) for s in specs]
     # uploads one port, bulk three (its pool processes add their index): no two processes share one
     assert ports == [("0", "uploads", 9100), ("0", "bulk", 9101), ("1", "uploads", 9104), ("1", "bulk", 9105)]
+    # 2 x (1 + 3) pool processes share the host's cores for decoding: each one is told how many there are
+    assert {s.env["STYLETAG_HOST_PROCS"] for s in specs} == {"8"}
+    assert {s.env["STYLETAG_HOST_PROCS"] for s in build_specs([None], ["bulk"])} == {"1"}
     with pytest.raises(ConfigError, match="--bulk-procs must be 1 or more"):
         build_specs(["0"], ["bulk"], bulk_procs=0)
 

@@ -94,6 +94,8 @@ def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | Non
     if bulk_procs < 1:
         raise ConfigError(f"--bulk-procs must be 1 or more, got {bulk_procs}")
     host = socket.gethostname()
+    # every pool process of every worker below loads a model and may start decoder processes: they share the cores
+    host_procs = len(gpus) * sum(bulk_procs if queue == "bulk" else 1 for queue in queues)
     specs = []
     port = metrics_port
     for gpu in gpus:
@@ -102,7 +104,7 @@ def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | Non
             procs = bulk_procs if queue == "bulk" else 1
             overrides = {"CUDA_VISIBLE_DEVICES": gpu if gpu is not None else "",
                          "device": "cuda" if gpu is not None else "cpu", "gpu": gpu if gpu is not None else "none",
-                         "queue": queue}
+                         "queue": queue, "host_procs": str(host_procs)}
             if threads:
                 overrides["torch_threads"] = str(threads)
             if port:  # one port per pool process: STYLETAG_METRICS_PORT + the process's pool index
