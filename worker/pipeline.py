@@ -240,13 +240,11 @@ class Pipeline:
         t0 = time.perf_counter()
         items = load_items(self.settings.database_url, ids)
         if self.decode_pool is not None:
-            size = self._chunk_size(len(items))
-            chunks = [items[i:i + size] for i in range(0, len(items), size)]
-            results = [r for part in pool.map(self._fetch_decode_chunk, chunks) for r in part]
+            size, work = self._chunk_size(len(items)), self._fetch_decode_chunk
         else:  # a few items per task: a task hand-off costs more than reading and decoding a small image
             size = max(1, min(8, len(items) // (2 * max(1, self.settings.fetch_threads))))
-            chunks = [items[i:i + size] for i in range(0, len(items), size)]
-            results = [r for part in pool.map(self._fetch_decode_each, chunks) for r in part]
+            work = self._fetch_decode_each
+        results = [r for part in pool.map(work, chunked(items, size)) for r in part]
         # What the worker read is what it records: the fetched version, else the catalog's (nothing read).
         items = [replace(it, image_version=self._versions.pop(it.product_id, it.image_version)) for it in items]
         ok_items, arrays, colours, failures = [], [], [], []
