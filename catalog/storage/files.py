@@ -172,39 +172,36 @@ class FileBackend:
         # the way (ELOOP, ENOTDIR) or a ".." takes the resolving route below, which decides as before.
         if "/.." not in loc.path and "/./" not in loc.path and "//" not in loc.path:
             root = self._root_of(loc.path)
-            if root is not None and len(loc.path) > len(root) + 1:
-                dir_fd = os.open(root, _DIR_FLAGS)
+            rel = loc.path[len(root):].lstrip("/") if root is not None else ""
+            if rel:
                 try:
-                    opener = openat2_beneath if self.use_openat2 else walk_beneath
-                    return opener(dir_fd, loc.path[len(root) + 1:], _READ_FLAGS)
+                    return self._open_beneath(root, rel)
                 except OSError as exc:
                     if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV, errno.EMLINK):
                         raise
-                finally:
-                    os.close(dir_fd)
         real = os.path.realpath(loc.path)
-        probe = Location(uri=loc.uri, scheme="file", path=real)
-        roots = [r for r in self.roots if uris.under(probe, Location(uri="", scheme="file", path=r))]
-        if not roots:
+        root = self._root_of(real)
+        if root is None:
             raise outside(loc.uri)
-        root = max(roots, key=len)
         rel = real[len(root):].lstrip("/")
         if not rel:  # the prefix names this very file (or folder)
             return os.open(real, _READ_FLAGS)
+        return self._open_beneath(root, rel)
+
+    def _root_of(self, path: str) -> str | None:
+        """The longest root that ``path`` lies beneath (as given: resolve it first where that matters)."""
+        probe = Location(uri="", scheme="file", path=path)
+        roots = [r for r in self.roots if uris.under(probe, Location(uri="", scheme="file", path=r))]
+        return max(roots, key=len) if roots else None
+
+    def _open_beneath(self, root: str, rel: str) -> int:
+        """``rel`` opened beneath the folder ``root`` with no symlink followed on the way."""
         dir_fd = os.open(root, _DIR_FLAGS)
         try:
             opener = openat2_beneath if self.use_openat2 else walk_beneath
             return opener(dir_fd, rel, _READ_FLAGS)
         finally:
             os.close(dir_fd)
-
-    def _root_of(self, path: str) -> str | None:
-        """The longest root that ``path`` lies beneath as written (no resolution)."""
-        best = None
-        for r in self.roots:
-            if path.startswith(r) and (r == "/" or path[len(r):len(r) + 1] == "/") and (best is None or len(r) > len(best)):
-                best = r
-        return None if best == "/" else best
 
     def _open_regular(self, loc: Location) -> tuple[int, os.stat_result]:
         try:
