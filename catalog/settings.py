@@ -161,8 +161,8 @@ class Settings:
     batch_size: int = 256
     fetch_threads: int = 16
     decode_threads: int = 0  # images decoded at once per worker process; 0: the number of cores
-    # decoder processes per worker process (worker/decode_pool.py); -1: the cores for a photo model, none
-    # (decode on the fetch threads) for a 28 px one; 0: never
+    # decoder processes per worker process (worker/decode_pool.py); -1: for a photo model the host's cores
+    # divided by host_procs, none (decode on the fetch threads) for a 28 px one; 0: never
     decode_procs: int = -1
     torch_threads: int = 0  # CPU inference threads per process; 0: torch's default
     # queues
