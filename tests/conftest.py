@@ -180,10 +180,34 @@ def db_url(request) -> str:
 # --- S3 (moto server) -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(n: int = 1) -> int:
+    """The first of ``n`` consecutive free loopback ports, chosen below the kernel's ephemeral range: a port the
+    test only checked and released, then handed to a server it starts, could otherwise be taken first as the
+    local port of some client connection (seen once: a worker's metrics port refused in the smoke test)."""
+    import random
+
+    for _ in range(200):
+        first = random.randint(20_000, _ephemeral_low() - n)
+        socks = []
+        try:
+            for p in range(first, first + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free loopback ports")
 
 
 @dataclass

@@ -3,7 +3,6 @@ port, sharing one run (a real worker, PostgreSQL and Redis)."""
 
 from __future__ import annotations
 
-import socket
 from dataclasses import replace
 
 import pytest
@@ -30,19 +29,6 @@ N = 192
 CHUNK = 8
 
 
-def _two_free_ports() -> int:
-    """A port p with p and p + 1 free on the loopback."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as sk:
-            try:
-                sk.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
-
-
 def test_two_bulk_processes_share_a_run_and_each_serves_its_metrics(pg_url, tmp_path):
     from catalog.importers import import_fashion_mnist
     from tests.ops.test_smoke import http_get
@@ -59,7 +45,7 @@ def test_two_bulk_processes_share_a_run_and_each_serves_its_metrics(pg_url, tmp_
     settings = replace(Settings.from_env(), database_url=pg_url, broker_url=BROKER_URL)
     run_id = start_run(settings, scope="all")
     assert enqueue_run_on(BROKER_URL, settings, run_id, CHUNK) == N
-    port = _two_free_ports()
+    port = free_port(2)
     worker = Proc("worker", [str(BIN / "styletag"), "worker", "--gpus", "none", "--queues", "bulk", "--bulk-procs",
                              "2", "--metrics-port", str(port)], env, tmp_path)
     try:

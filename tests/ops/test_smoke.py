@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,25 +43,6 @@ pytestmark = pytest.mark.slow
 
 
 # --- helpers shared by tests/ops --------------------------------------------------------------------
-
-
-def free_ports(n: int) -> int:
-    """The first of ``n`` consecutive free loopback ports (a worker with --metrics-port P uses P, P+1)."""
-    for _ in range(50):
-        first = free_port()
-        socks = []
-        try:
-            for p in range(first, first + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def service_env(**overrides: str) -> dict[str, str]:
@@ -263,7 +243,7 @@ def deployment(compose_services, fresh_db, s3_server, tmp_path_factory):
     bucket = s3_server.make_bucket()
     home = tmp_path_factory.mktemp("smoke")
     env_example = dict(re.findall(r"^([A-Z_]+)=(.*)$", (ROOT / ".env.example").read_text(), re.M))
-    worker_port, exporter_port, flower_port = free_ports(2), free_port(), free_port()
+    worker_port, exporter_port, flower_port = free_port(2), free_port(), free_port()
     flower_auth = f"admin:{uuid.uuid4().hex[:12]}"
     env = service_env(
         STYLETAG_DATABASE_URL=fresh_db, STYLETAG_BROKER_URL=BROKER_URL, STYLETAG_HOME=str(home / "home"),
