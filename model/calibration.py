@@ -153,6 +153,12 @@ def review_report(garment_scores: np.ndarray, outlier_scores: np.ndarray, thresh
 #   "ood_threshold":    below it, the product is out of distribution (a lower threshold than review's);
 #   "frame_rule":       {"min_foreground": a, "max_border": b}: :func:`frame_flags` on the model's uint8
 #                       input (no garment found; a foreground spanning the whole frame) -> out of distribution.
+#   "score_map":        {"fine": {"x": [...], "y": [...]}, "coarse": {...}} (single-label taxonomies): a
+#                       monotone piecewise-linear map of each level's served score, fitted on validation by
+#                       isotonic regression of top-1 correctness on the tempered score (:func:`fit_score_map`).
+#                       A temperature fixes the overall sharpness; the map fixes the shape (the tempered scores
+#                       were over-confident in the 0.7-0.9 range and under-confident below 0.5). A coarse score
+#                       stays >= each child's (:func:`map_scores`).
 # A checkpoint without these keys serves raw scores and holds nothing (``review_score`` is then the msp).
 
 
@@ -252,6 +258,94 @@ def served_scores(coarse_logits: np.ndarray, fine_logits: np.ndarray, meta: dict
     fine = joint_fine_probs(coarse_logits, fine_logits, parent, t_c, t_f)
     coarse = np.zeros((len(fine), int(parent.max()) + 1))
     np.add.at(coarse.T, parent, fine.T)
+    return map_scores(coarse, fine, parent, meta.get("score_map"))
+
+
+# --------------------------------------------------------------------------- the score map
+
+MAP_KNOTS = 48
+MIN_MAP_SAMPLES = 500  # fewer validation samples: no score map (an isotonic fit on a few dozen would follow noise)
+
+
+def _isotonic(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pool adjacent violators on ``y`` with weights ``w`` (already ordered by the score): (block values,
+    block sizes in items) of the non-decreasing weighted least-squares fit."""
+    vals: list[float] = []
+    wts: list[float] = []
+    lens: list[int] = []
+    for v, wt in zip(y.tolist(), w.tolist(), strict=True):
+        vals.append(float(v))
+        wts.append(float(wt))
+        lens.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            total = wts[-2] + wts[-1]
+            vals[-2] = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / total
+            wts[-2] = total
+            lens[-2] += lens[-1]
+            vals.pop()
+            wts.pop()
+            lens.pop()
+    return np.array(vals), np.array(lens)
+
+
+def fit_score_map(confidences: np.ndarray, correct: np.ndarray, knots: int = MAP_KNOTS) -> dict:
+    """``{"x": [...], "y": [...]}``: the isotonic regression (Zadrozny & Elkan 2002) of ``correct`` (top-1
+    right, on validation) on ``confidences`` (the served top-1 score), read off at up to ``knots`` quantiles of
+    the confidences and extended flat to 0 and 1; applied by linear interpolation (:func:`apply_map`), so it
+    is monotone, stays in [0, 1] and is small enough for the checkpoint's metadata."""
+    conf = np.asarray(confidences, dtype=np.float64)
+    if len(conf) < 2:
+        raise ValueError("a score map needs at least two validation samples")
+    order = np.argsort(conf, kind="stable")
+    x = conf[order]
+    vals, lens = _isotonic(np.asarray(correct, dtype=np.float64)[order], np.ones(len(x)))
+    ends = np.cumsum(lens)
+    centres = np.array([x[e - n : e].mean() for e, n in zip(ends, lens, strict=True)])
+    qs = np.unique(np.quantile(x, np.linspace(0, 1, max(2, knots - 2))))
+    ys = np.interp(qs, centres, vals)
+    inner = (qs > 0) & (qs < 1)
+    xs = np.concatenate([[0.0], qs[inner], [1.0]])  # flat beyond the validation scores at both ends
+    ys = np.concatenate([[ys[inner][0] if inner.any() else float(vals[0])], ys[inner], [float(vals[-1])]])
+    # a slope of 1e-3 makes the map strictly increasing: no two scores of an image tie after it, so the
+    # primary label (the best score) is the same before and after the map
+    ys = (1 - 1e-3) * np.maximum.accumulate(np.clip(ys, 0.0, 1.0)) + 1e-3 * xs
+    return {"x": [float(v) for v in xs], "y": [float(v) for v in ys]}  # unrounded: rounding could make ties
+
+
+def check_score_map(raw, multi_label: bool) -> None:
+    """ValueError (one line) unless ``raw`` is a well-formed score map for such a taxonomy."""
+    if multi_label:
+        raise ValueError("a score map is only defined for single-label taxonomies")
+    if not isinstance(raw, dict) or set(raw) != {"fine", "coarse"}:
+        raise ValueError("must be {'fine': {'x': [...], 'y': [...]}, 'coarse': {...}}")
+    for level, m in raw.items():
+        if not isinstance(m, dict) or not isinstance(m.get("x"), list) or not isinstance(m.get("y"), list):
+            raise ValueError(f"{level}: must be {{'x': [...], 'y': [...]}}")
+        x, y = m["x"], m["y"]
+        if len(x) != len(y) or len(x) < 2 or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                     for v in x + y):
+            raise ValueError(f"{level}: x and y must be lists of at least two numbers of the same length")
+        if not (x[0] == 0 and x[-1] == 1 and all(a < b for a, b in zip(x, x[1:], strict=False))):
+            raise ValueError(f"{level}: x must rise strictly from 0 to 1")
+        if not (all(0 <= v <= 1 for v in y) and all(a < b for a, b in zip(y, y[1:], strict=False))):
+            raise ValueError(f"{level}: y must rise strictly within [0, 1] (a flat part would tie labels)")
+
+
+def apply_map(scores: np.ndarray, m: dict) -> np.ndarray:
+    s = np.asarray(scores)
+    return np.interp(s, m["x"], m["y"]).astype(s.dtype if s.dtype.kind == "f" else np.float64)
+
+
+def map_scores(coarse: np.ndarray, fine: np.ndarray, parent, score_map: dict | None):
+    """(coarse, fine) scores through the checkpoint's score map (unchanged without one). Each coarse score
+    is then raised to its best child's mapped score, so a fine tag over its threshold still brings its
+    parent, and the order of labels within a level (the primary pair) does not change."""
+    if not score_map:
+        return coarse, fine
+    fine = apply_map(fine, score_map["fine"])
+    coarse = apply_map(coarse, score_map["coarse"])
+    for j, p in enumerate(np.asarray(parent).tolist()):
+        coarse[:, p] = np.maximum(coarse[:, p], fine[:, j])
     return coarse, fine
 
 
@@ -291,6 +385,21 @@ def _golden(f, lo: float = 0.01, hi: float = 20.0, iters: int = 40) -> float:
             d = a + g * (b - a)
             fd = f(1 / d)
     return float(1 / ((a + b) / 2))
+
+
+def fit_score_maps(coarse_logits: np.ndarray, fine_logits: np.ndarray, coarse_targets: np.ndarray,
+                   fine_targets: np.ndarray, parent, t_c: float, t_f: float) -> dict:
+    """The ``score_map`` of a single-label checkpoint: one :func:`fit_score_map` per level, on the top-1
+    scores the temperatures ``(t_c, t_f)`` serve (validation)."""
+    parent = np.asarray(parent, dtype=np.int64)
+    fine = joint_fine_probs(coarse_logits, fine_logits, parent, t_c, t_f)
+    coarse = np.zeros((len(fine), int(parent.max()) + 1))
+    np.add.at(coarse.T, parent, fine.T)
+    pf = fine.argmax(1)
+    pc = parent[pf]
+    rows = np.arange(len(pf))
+    return {"fine": fit_score_map(fine[rows, pf], pf == np.asarray(fine_targets)),
+            "coarse": fit_score_map(coarse[rows, pc], pc == np.asarray(coarse_targets))}
 
 
 def fit_sigmoid_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -360,6 +469,9 @@ def fit_serving_calibration(coarse_logits: np.ndarray, fine_logits: np.ndarray, 
     _, kind, spec, score_g = best
     out = {
         "temperature": {"coarse": round(t_c, 6), "fine": round(t_f, 6)},
+        **({"score_map": fit_score_maps(coarse_logits, fine_logits, coarse_targets, fine_targets, parent,
+                                        t_c, t_f)} if parent is not None and len(fine_targets) >= MIN_MAP_SAMPLES
+           else {}),
         "review_score": spec,
         "review_threshold": fit_review_threshold(score_g, review_rate),
         "ood_threshold": fit_review_threshold(score_g, ood_rate),

@@ -113,7 +113,10 @@ def calibration_report(taxonomy: Taxonomy, logits: dict[str, np.ndarray], meta: 
     c, f = logits["coarse_logits"], logits["fine_logits"]
     yf, yc = np.asarray(logits["fine_t"]), np.asarray(logits["coarse_t"])
     out: dict = {"temperature": meta.get("temperature")}
-    for name, m in (("raw", {k: v for k, v in meta.items() if k != "temperature"}), ("calibrated", meta)):
+    raw = {k: v for k, v in meta.items() if k not in ("temperature", "score_map")}
+    tempered = {k: v for k, v in meta.items() if k != "score_map"}
+    variants = [("raw", raw)] + ([("tempered", tempered)] if meta.get("score_map") else []) + [("calibrated", meta)]
+    for name, m in variants:
         cs, fs = cal.served_scores(c, f, {**m, "taxonomy": taxonomy.to_dict()})
         pf = fs.argmax(1)
         pc = parent[pf]
@@ -125,7 +128,12 @@ def calibration_report(taxonomy: Taxonomy, logits: dict[str, np.ndarray], meta: 
             big = [r for r in table if r["count"] >= 100]
             out["bins_within_5_points"] = all(abs(r["accuracy"] - r["confidence"]) <= 0.05 for r in big)
             out["worst_bin_gap_100plus"] = max((abs(r["accuracy"] - r["confidence"]) for r in big), default=0.0)
-            out["reliability_coarse"] = cal.reliability_table(cs[np.arange(len(pc)), pc], pc == yc, n_bins)
+            coarse_table = cal.reliability_table(cs[np.arange(len(pc)), pc], pc == yc, n_bins)
+            out["reliability_coarse"] = coarse_table
+            big_c = [r for r in coarse_table if r["count"] >= 100]
+            out["coarse_bins_within_5_points"] = all(abs(r["accuracy"] - r["confidence"]) <= 0.05 for r in big_c)
+            out["coarse_worst_bin_gap_100plus"] = max((abs(r["accuracy"] - r["confidence"]) for r in big_c),
+                                                      default=0.0)
     return out
 
 

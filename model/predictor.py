@@ -203,6 +203,13 @@ class Predictor:
         self.frame_rule: dict | None = _frame_rule(meta, self.spec)
         self.colours: ColourTagging | None = colour_tagging(meta, self.spec, source)
         self._multi = taxonomy.multi_label
+        self.score_map: dict | None = meta.get("score_map")
+        if self.score_map is not None:
+            try:
+                calibration.check_score_map(self.score_map, self._multi)
+            except ValueError as exc:
+                raise CheckpointError(f"{source}: metadata 'score_map': {exc}") from None
+        self._parent_np = None if self._multi else np.array([p[0] for p in taxonomy.parents], dtype=np.int64)
         self._mask = child_mask(taxonomy.parents, len(taxonomy.coarse.labels), device)
         self._parent = None if self._multi else parent_index(taxonomy.parents, device)
         self._mask_np = self._mask.cpu().numpy().astype(np.int32)
@@ -286,6 +293,8 @@ class Predictor:
         out = self._run_all(x).numpy()
         nc, nf = len(self.taxonomy.coarse.labels), len(self.taxonomy.fine.labels)
         cs, fs = out[:, :nc], out[:, nc : nc + nf]
+        if self.score_map is not None:  # the served scores' shape, fitted on validation (model.calibration)
+            cs, fs = calibration.map_scores(cs, fs, self._parent_np, self.score_map)
         pc, pf = out[:, nc + nf].astype(np.int64), out[:, nc + nf + 1].astype(np.int64)
         cl, fl = out[:, nc + nf + 2 : 2 * nc + nf + 2], out[:, 2 * nc + nf + 2 :]
         images = x.numpy() if self.frame_rule is not None and len(out) else None

@@ -166,15 +166,20 @@ def print_report(r: dict, echo: Callable[[str], None]) -> None:
             echo(f"  {k:18s} {r[k]:.4f}")
     c = r.get("calibration") or {}
     if c:
-        echo(f"  calibration: temperature {c.get('temperature')}; ECE fine {_pct(c['fine_ece_raw'])} raw -> "
-             f"{_pct(c['fine_ece_calibrated'])}, coarse {_pct(c['coarse_ece_raw'])} -> {_pct(c['coarse_ece_calibrated'])}")
-        echo("  reliability (fine, calibrated): bin  count  confidence  accuracy")
-        for row in c["reliability_fine"]:
-            if row["count"]:
-                echo(f"    {row['lo']:.1f}-{row['hi']:.1f} {row['count']:6d}  {row['confidence']:.3f}      "
-                     f"{row['accuracy']:.3f}")
-        echo(f"  every bin with >= 100 items within 5 points: {c['bins_within_5_points']} "
-             f"(worst gap {_pct(c['worst_bin_gap_100plus'])})")
+        steps = [k for k in ("raw", "tempered", "calibrated") if f"fine_ece_{k}" in c]
+        echo(f"  calibration: temperature {c.get('temperature')}"
+             + (", score map" if "tempered" in steps else "") + f"; ECE ({' -> '.join(steps)}) fine "
+             + " -> ".join(_pct(c[f"fine_ece_{k}"]) for k in steps) + ", coarse "
+             + " -> ".join(_pct(c[f"coarse_ece_{k}"]) for k in steps))
+        for level in ("fine", "coarse"):
+            echo(f"  reliability ({level}, calibrated): bin  count  confidence  accuracy")
+            for row in c[f"reliability_{level}"]:
+                if row["count"]:
+                    echo(f"    {row['lo']:.1f}-{row['hi']:.1f} {row['count']:6d}  {row['confidence']:.3f}      "
+                         f"{row['accuracy']:.3f}")
+        echo(f"  every bin with >= 100 items within 5 points: fine {c['bins_within_5_points']} "
+             f"(worst gap {_pct(c['worst_bin_gap_100plus'])}), coarse {c['coarse_bins_within_5_points']} "
+             f"(worst gap {_pct(c['coarse_worst_bin_gap_100plus'])})")
     v = r.get("review") or {}
     if v:
         echo(f"  review ({(v.get('review_score') or {}).get('kind', 'msp')} score; review threshold "

@@ -29,7 +29,11 @@ def photo_model() -> Predictor:
 
 def test_metadata_records_how_it_was_made(photo_model):
     _, meta = load_checkpoint(PHOTO_CHECKPOINT)
-    assert meta["command"].startswith("styletag train --from-catalog --taxonomy fashion-mnist")
+    # trained, then its score map fitted on the same catalog's validation split (styletag calibrate)
+    assert meta["command"].startswith("styletag calibrate --from-catalog --checkpoint")
+    assert meta["parent"]["command"].startswith("styletag train --from-catalog --taxonomy fashion-mnist")
+    assert meta["metrics"]["score_map_fit"]["split"] == "val" and meta["metrics"]["score_map_fit"]["n"] > 6000
+    assert photo_model.score_map is not None
     assert meta["data"]["split"]["test_match"] == "fmnist-photo-test-*"  # the rendered test split held out
     assert meta["data"]["counts"]["test"] == 10_000 and meta["data"]["train_items"] > 50_000
     assert photo_model.spec.representation == "lab-delta" and photo_model.spec.foreground_crop

@@ -23,6 +23,7 @@ COMMANDS = {
     "browse": "catalog.cli.storefront:browse",
     "train": "worker.cli.training:train_cmd",
     "eval": "worker.cli.training:eval_cmd",
+    "calibrate": "worker.cli.training:calibrate_cmd",
     "worker": "worker.cli.services:worker_cmd",
     "retag": "worker.cli.runs:retag_cmd",
     "runs": "worker.cli.runs:runs_cmd",

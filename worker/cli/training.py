@@ -319,3 +319,33 @@ def eval_cmd(ctx, checkpoint, from_catalog, taxonomy_name, split_name, split_rul
     from worker.training_eval import print_report
 
     print_report(report, click.echo)
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+@click.command("calibrate")
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True)
+@click.option("--from-catalog", is_flag=True, required=True,
+              help="Fit on the catalog's validation split (the checkpoint's rule). Required: the only source.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The new checkpoint.")
+@click.option("--taxonomy", "taxonomy_name", default=None, help="Default: the checkpoint's taxonomy.")
+@click.option("--split-rule", default=None, help="Override the checkpoint's percentages, e.g. 80/10/10.")
+@click.option("--test-match", default=None, metavar="GLOB", help="Override the checkpoint's test SKU glob.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default=None)
+@click.option("--procs", type=int, default=2, show_default=True)
+@click.option("--no-progress", is_flag=True)
+def calibrate_cmd(checkpoint, from_catalog, out, taxonomy_name, split_rule, test_match, batch_size, device, procs,
+                  no_progress):
+    """Fit a checkpoint's score map (isotonic, on the catalog's validation split) and write it as a new
+    checkpoint: same weights, temperatures and review thresholds; the served scores' reliability fixed."""
+    from worker.recalibration import recalibrate_from_catalog
+
+    if out.resolve() == checkpoint.resolve():
+        raise click.UsageError("--out must differ from --checkpoint (a registered model's file never changes)")
+    r = recalibrate_from_catalog(checkpoint, out, taxonomy_name=taxonomy_name, split_rule=split_rule,
+                                 test_match=test_match, procs=procs, batch_size=batch_size, device=device,
+                                 progress=_progress(no_progress), command=_command_line())
+    click.echo(f"wrote {out} (model_version {r['model_version']}, from {r['parent']}): score map fitted on "
+               f"{r['n']} validation products in {r['seconds']:.0f}s")
