@@ -5,15 +5,19 @@ a. naive Celery (``bench.naive_app``): one task per product, single-image forwar
    child). Target: ours >= 5x.
 b. the best single-process script (``bench.dataloader_script``): a torch DataLoader with worker
    processes reading the same store, batched forward, one bulk insert, at its best: every repeat sweeps
-   its loader processes (0, 1, 2) and torch threads (1, 2) and its best setting counts. Target: ours
-   (through a real Celery worker, and inline) >= 1.0x of it. Repeats interleave (script sweep, ours,
-   script sweep, ours, ...); the best of each counts and the spread (min-max) is reported, so that a
-   noisy neighbour does not decide the ratio.
+   its loader processes (0, 1, 2) and torch threads (1, 2); its best setting is the one with the best
+   median over the repeats. Target: ours (through a real Celery worker as ``styletag worker`` starts it,
+   and inline) >= 1.0x of it. Repeats interleave (script sweep, ours, script sweep, ours, ...); the best
+   run of each counts (ours against the best setting's best run: R runs each, the same chance of a lucky
+   one), the ratio of medians and the spread (min-max) are reported too, so that a noisy neighbour does
+   not decide the ratio. 10,000 products: runs of ~5 s (2,048 gave ~1 s runs, in which a task's fill and
+   drain and a disturbance of a few hundred ms decided as much as the pipeline did).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -78,9 +82,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     q = args.quick
     model = C.model_path(args.model)
-    n = args.products or (256 if q else 2048)
+    n = args.products or (256 if q else 10_000)
     n_naive = args.naive_products or (16 if q else 200)
-    repeats = args.repeats or (1 if q else 2)
+    repeats = args.repeats or (1 if q else 3)
     res = C.Result(NAME, "Ours vs naive Celery and vs a DataLoader script")
     res.parameters = {"model": C.model_info(model), "products": n, "naive_products": n_naive, "repeats": repeats,
                       "kind": "png28", "database": "PostgreSQL", "store": "file://"}
@@ -113,14 +117,20 @@ def main(argv=None) -> int:
     by_setting: dict[str, list[float]] = {}
     for r in dl_runs:
         by_setting.setdefault(f"workers{r['workers']}_threads{r['torch_threads']}", []).append(r["images_per_s"])
-    best_setting = max(by_setting, key=lambda k: max(by_setting[k]))
-    dl, ours, inline = best(dl_runs), best(ours_runs), best(inline_runs)
+    best_setting = max(by_setting, key=lambda k: (statistics.median(by_setting[k]), max(by_setting[k])))
+    dl, ours, inline = max(by_setting[best_setting]), best(ours_runs), best(inline_runs)
+    med = {"dataloader": statistics.median(by_setting[best_setting]),
+           "ours_celery": statistics.median(r["images_per_s"] for r in ours_runs),
+           "ours_inline": statistics.median(r["images_per_s"] for r in inline_runs)}
     res.figures.update({"dataloader_runs": dl_runs, "ours_celery_runs": ours_runs, "ours_inline_runs": inline_runs,
                         "dataloader_by_setting": by_setting, "dataloader_best_setting": best_setting,
                         "dataloader_best_setting_spread": [min(by_setting[best_setting]),
                                                            max(by_setting[best_setting])],
                         "ours_celery_spread": spread(ours_runs), "ours_inline_spread": spread(inline_runs),
-                        "dataloader_best": dl, "ours_celery_best": ours, "ours_inline_best": inline})
+                        "dataloader_best": dl, "ours_celery_best": ours, "ours_inline_best": inline,
+                        "medians": med, "median_ratio_celery": med["ours_celery"] / med["dataloader"],
+                        "median_ratio_inline": med["ours_inline"] / med["dataloader"],
+                        "bulk_procs": C.Worker.default_bulk_procs()})
     C.log(f"script best {dl:.0f}/s ({best_setting}, spread {by_setting[best_setting]}); ours celery "
           f"{spread(ours_runs)}, inline {spread(inline_runs)}")
     res.checks.append(C.check("ours celery vs naive celery", ours, unit="img/s", baseline=naive["images_per_s"],

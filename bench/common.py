@@ -381,13 +381,26 @@ class Worker:
         WORK.mkdir(parents=True, exist_ok=True)
         self.log_path = WORK / f"{log_name}.log"
         self.log = open(self.log_path, "wb")
-        argv = argv or [sys.executable, "-m", "worker.cli", "worker", "--gpus", "none", "--queues", queues]
         self.n_nodes = ready_marks or len(queues.split(","))
+        self.n_models = self.n_nodes  # "model loaded" marks: one per pool process
+        if argv is None:  # the launcher's defaults: a bulk worker has one pool process per core on a CPU host
+            argv = [sys.executable, "-m", "worker.cli", "worker", "--gpus", "none", "--queues", queues]
+            self.n_models = ready_marks or sum(self.default_bulk_procs() if q == "bulk" else 1
+                                               for q in queues.split(","))
+        elif "--bulk-procs" in argv:
+            self.n_models = ready_marks or int(argv[argv.index("--bulk-procs") + 1])
         self.proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=ROOT)
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @staticmethod
+    def default_bulk_procs() -> int:
+        """The bulk pool processes ``styletag worker --gpus none`` starts on this host."""
+        from worker.ops.launcher import cpu_bulk_procs
+
+        return cpu_bulk_procs()
 
     def wait_ready(self, timeout: float = 180.0, model_marks: bool = True) -> None:
         deadline = time.monotonic() + timeout
@@ -395,7 +408,7 @@ class Worker:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited early:\n{self.text()[-3000:]}")
             t = self.text()
-            if t.count(" ready.") >= self.n_nodes and (not model_marks or t.count("model loaded") >= self.n_nodes):
+            if t.count(" ready.") >= self.n_nodes and (not model_marks or t.count("model loaded") >= self.n_models):
                 return
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {timeout}s:\n{self.text()[-3000:]}")

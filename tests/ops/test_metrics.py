@@ -105,6 +105,7 @@ def test_worker_counters_match_the_database_during_and_after_the_run(stack):
 
     port = free_port()
     worker = Proc("worker", [str(BIN / "styletag"), "worker", "--gpus", "none", "--queues", "bulk",
+                             "--bulk-procs", "1",  # one process: its counters are the run's (ports: test_smoke)
                              "--metrics-port", str(port)], stack["env"], stack["home"])
     stack["procs"].append(worker)
     url = f"http://127.0.0.1:{port}/metrics"

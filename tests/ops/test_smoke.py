@@ -243,7 +243,10 @@ def deployment(compose_services, fresh_db, s3_server, tmp_path_factory):
     bucket = s3_server.make_bucket()
     home = tmp_path_factory.mktemp("smoke")
     env_example = dict(re.findall(r"^([A-Z_]+)=(.*)$", (ROOT / ".env.example").read_text(), re.M))
-    worker_port, exporter_port, flower_port = free_port(2), free_port(), free_port()
+    from worker.ops.launcher import cpu_bulk_procs
+
+    # consecutive ports: the uploads process and each bulk pool process (one per core on a CPU host)
+    worker_port, exporter_port, flower_port = free_port(1 + cpu_bulk_procs()), free_port(), free_port()
     flower_auth = f"admin:{uuid.uuid4().hex[:12]}"
     env = service_env(
         STYLETAG_DATABASE_URL=fresh_db, STYLETAG_BROKER_URL=BROKER_URL, STYLETAG_HOME=str(home / "home"),
@@ -322,11 +325,16 @@ def test_retag_through_the_compose_services_tags_every_product(deployment):
 
 
 def test_each_worker_process_serves_its_metrics(deployment):
+    from worker.ops.launcher import cpu_bulk_procs
+
     port = deployment["worker_port"]
-    uploads, bulk = (samples(http_get(f"http://127.0.0.1:{p}/metrics")) for p in (port, port + 1))
+    # the uploads process on the first port, then one per bulk pool process (one per core on a CPU host)
+    uploads = samples(http_get(f"http://127.0.0.1:{port}/metrics"))
+    bulk = [samples(http_get(f"http://127.0.0.1:{port + 1 + i}/metrics")) for i in range(cpu_bulk_procs())]
     assert has_metric(uploads, "styletag_model_info", queue="uploads", gpu="none")
-    assert has_metric(bulk, "styletag_model_info", queue="bulk", gpu="none")
-    tagged = metric(uploads, "styletag_products_tagged_total") + metric(bulk, "styletag_products_tagged_total")
+    assert all(has_metric(b, "styletag_model_info", queue="bulk", gpu="none") for b in bulk)
+    tagged = metric(uploads, "styletag_products_tagged_total") + sum(metric(b, "styletag_products_tagged_total")
+                                                                     for b in bulk)
     assert tagged == N_PRODUCTS
 
 

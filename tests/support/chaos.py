@@ -213,7 +213,8 @@ class ChaosWorker(WorkerProcess):
         self.log_path = log_path
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "--gpus", "none", "--queues", "bulk", "--threads", "1"],
+            [sys.executable, "-m", "worker.cli", "worker", "--gpus", "none", "--queues", "bulk", "--threads", "1",
+             "--bulk-procs", "1"],  # one pool process: the faults below are counted for one
             env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_term_when_parent_dies,
         )

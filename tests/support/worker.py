@@ -20,7 +20,7 @@ class WorkerProcess:
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "worker", "--gpus", "none", "--queues", queues, "--threads", "1",
-             *extra_args],
+             "--bulk-procs", "1", *extra_args],  # one pool process (a CPU host's default is one per core)
             env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 

@@ -62,7 +62,7 @@ def test_bulk_procs_give_each_bulk_worker_a_pool_and_a_port_per_process():
     assert ports == [("0", "uploads", 9100), ("0", "bulk", 9101), ("1", "uploads", 9104), ("1", "bulk", 9105)]
     # 2 x (1 + 3) pool processes share the host's cores for decoding: each one is told how many there are
     assert {s.env["STYLETAG_HOST_PROCS"] for s in specs} == {"8"}
-    assert {s.env["STYLETAG_HOST_PROCS"] for s in build_specs([None], ["bulk"])} == {"1"}
+    assert {s.env["STYLETAG_HOST_PROCS"] for s in build_specs([None], ["bulk"], bulk_procs=1)} == {"1"}
     with pytest.raises(ConfigError, match="--bulk-procs must be 1 or more"):
         build_specs(["0"], ["bulk"], bulk_procs=0)
 
@@ -169,3 +169,16 @@ def test_sigterm_is_forwarded_and_nothing_is_restarted_while_stopping(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert counter.read_text() == "x"
+
+
+def test_default_bulk_procs_one_per_gpu_and_one_per_core_without_gpus(monkeypatch):
+    import worker.ops.launcher as launcher
+
+    gpu = build_specs(["0", "1"], ["uploads", "bulk"])
+    assert {s.argv[s.argv.index("--concurrency") + 1] for s in gpu} == {"1"}
+    for cores, procs in ((2, 2), (1, 1), (6, 6), (64, launcher.CPU_BULK_PROCS_MAX)):
+        monkeypatch.setattr(launcher.os, "cpu_count", lambda c=cores: c)
+        specs = {s.queue: s for s in build_specs([None], ["uploads", "bulk"])}
+        assert specs["bulk"].argv[specs["bulk"].argv.index("--concurrency") + 1] == str(procs)
+        assert specs["uploads"].argv[specs["uploads"].argv.index("--concurrency") + 1] == "1"
+        assert specs["bulk"].env["STYLETAG_HOST_PROCS"] == str(procs + 1)  # they share the cores for decoding

@@ -20,8 +20,9 @@ def _settings() -> Settings:
 @click.option("--threads", type=int, default=None, help="torch threads per worker (CPU inference).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--metrics-port", type=int, default=0, help="First Prometheus port (one per worker process).")
-@click.option("--bulk-procs", type=int, default=1, show_default=True,
-              help="Bulk pool processes per GPU (each loads the model; use spare cores, see docs/operations.md).")
+@click.option("--bulk-procs", type=int, default=None,
+              help="Bulk pool processes per GPU (each loads the model; use spare cores, see docs/operations.md). "
+                   "Default: 1 per GPU; on a host without GPUs, one per core (at most 8).")
 @click.option("--dry-run", is_flag=True, help="Print the worker processes that would start, as JSON.")
 @click.option("--health", is_flag=True,
               help="Exit 0 when every Celery node these options start answers a ping (a health check).")

@@ -18,6 +18,7 @@ policy to take over.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -84,13 +85,27 @@ def parse_queues(value: str) -> list[str]:
     return queues
 
 
+CPU_BULK_PROCS_MAX = 8  # each process holds torch and a model (~0.4 GB): bounded on a large host
+
+
+def cpu_bulk_procs() -> int:
+    """Bulk processes of a host without GPUs: one per core (at most :data:`CPU_BULK_PROCS_MAX`). On the
+    2-core machine two processes tagged 1,805-1,879 images/s where one did 1,495-1,537 (28 px, through
+    Celery, docs/performance.md): one process's stages take turns on one GIL, and each task's first prepare and
+    last write leave its model idle; two processes fill each other's gaps."""
+    return max(1, min(CPU_BULK_PROCS_MAX, os.cpu_count() or 1))
+
+
 def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | None = None,
-                loglevel: str = "INFO", metrics_port: int = 0, bulk_procs: int = 1) -> list[WorkerSpec]:
+                loglevel: str = "INFO", metrics_port: int = 0, bulk_procs: int | None = None) -> list[WorkerSpec]:
     """``bulk_procs``: pool processes of each bulk worker (each loads the model on its GPU). One process
     is bound by its Python (fetch, decode, write under one GIL) at ~1,400 images/s on an H100 host while
-    the GPU idles, so a host with spare cores runs more than one per GPU (docs/performance.md)."""
+    the GPU idles, so a host with spare cores runs more than one per GPU (docs/performance.md). Default
+    (None): 1 per GPU; without GPUs, :func:`cpu_bulk_procs`."""
     from worker.app import UPLOAD_FLUSH_EVERY
 
+    if bulk_procs is None:
+        bulk_procs = 1 if any(g is not None for g in gpus) else cpu_bulk_procs()
     if bulk_procs < 1:
         raise ConfigError(f"--bulk-procs must be 1 or more, got {bulk_procs}")
     host = socket.gethostname()
