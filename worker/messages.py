@@ -73,6 +73,20 @@ def validate_ids(product_ids, *, limit: int = MAX_IDS_PER_TASK) -> list[int]:
     return list(dict.fromkeys(product_ids))
 
 
+MAX_IDS_PER_UPLOAD = 64  # ids one upload message may carry (enqueue_upload_ids sends a burst in such messages)
+
+
+def upload_ids(args, kwargs: dict) -> list[int]:
+    """The product ids of an upload message: ``(id,)`` (one upload; what every styletag sends for one) or
+    ``([id, ...],)`` with at most :data:`MAX_IDS_PER_UPLOAD` (a burst enqueued in one call); or the same
+    under ``product_id``. InvalidMessage for anything else."""
+    value = args[0] if args else kwargs.get("product_id")
+    ids = validate_ids(value if isinstance(value, list) else [value], limit=MAX_IDS_PER_UPLOAD)
+    if not ids:
+        raise InvalidMessage("an upload message must name at least one product id")
+    return ids
+
+
 def validate_run_id(run_id) -> int | None:
     if run_id is None or (isinstance(run_id, int) and not isinstance(run_id, bool) and 0 < run_id < 2**63):
         return run_id

@@ -34,7 +34,14 @@ from worker.app import (
 )
 from worker.batching import CoalescingBatches
 from worker.context import ModelUnavailable, get_context
-from worker.messages import InvalidMessage, enqueued_at, guard_strategy, validate_ids, validate_run_id
+from worker.messages import (
+    InvalidMessage,
+    enqueued_at,
+    guard_strategy,
+    upload_ids,
+    validate_ids,
+    validate_run_id,
+)
 
 log = logging.getLogger("styletag.tasks")
 
@@ -167,7 +174,8 @@ def tag_products(self, run_id, product_ids) -> dict:
     time_limit=BULK_TIME_LIMIT,
 )
 def tag_uploads(requests) -> None:
-    """Micro-batched uploads: each message holds one product id; one pipeline run per flush."""
+    """Micro-batched uploads: each message holds one product id, or a few (``worker.messages.upload_ids``: a
+    burst enqueued in one call); one pipeline run per flush."""
     from worker.pipeline import Pipeline
 
     ids: list[int] = []
@@ -177,11 +185,10 @@ def tag_uploads(requests) -> None:
         try:
             args = list(req.args or ())
             kwargs = dict(req.kwargs or {})
-            pid = args[0] if args else kwargs.get("product_id")
-            (pid,) = validate_ids([pid], limit=1)
-            attempts[pid] = int(kwargs.get("attempt", 0)) if isinstance(kwargs.get("attempt", 0), int) else 0
-            enqueued[pid] = enqueued.get(pid) or enqueued_at(kwargs)
-            ids.append(pid)
+            for pid in upload_ids(args, kwargs):
+                attempts[pid] = int(kwargs.get("attempt", 0)) if isinstance(kwargs.get("attempt", 0), int) else 0
+                enqueued[pid] = enqueued.get(pid) or enqueued_at(kwargs)
+                ids.append(pid)
         except (InvalidMessage, IndexError, TypeError, ValueError) as exc:
             log.error("refused upload message %s: %s", req.id, exc)
     ids = list(dict.fromkeys(ids))
