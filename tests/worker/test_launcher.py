@@ -172,12 +172,16 @@ def test_sigterm_is_forwarded_and_nothing_is_restarted_while_stopping(tmp_path):
 
 
 def test_default_bulk_procs_one_per_gpu_and_one_per_core_without_gpus(monkeypatch):
+    import os
+
     import worker.ops.launcher as launcher
+
+    assert launcher.usable_cores() == len(os.sched_getaffinity(0))  # a container's cpuset, not the host's cores
 
     gpu = build_specs(["0", "1"], ["uploads", "bulk"])
     assert {s.argv[s.argv.index("--concurrency") + 1] for s in gpu} == {"1"}
     for cores, procs in ((2, 2), (1, 1), (6, 6), (64, launcher.CPU_BULK_PROCS_MAX)):
-        monkeypatch.setattr(launcher.os, "cpu_count", lambda c=cores: c)
+        monkeypatch.setattr(launcher, "usable_cores", lambda c=cores: c)
         specs = {s.queue: s for s in build_specs([None], ["uploads", "bulk"])}
         assert specs["bulk"].argv[specs["bulk"].argv.index("--concurrency") + 1] == str(procs)
         assert specs["uploads"].argv[specs["uploads"].argv.index("--concurrency") + 1] == "1"

@@ -93,7 +93,15 @@ def cpu_bulk_procs() -> int:
     2-core machine two processes tagged 1,805-1,879 images/s where one did 1,495-1,537 (28 px, through
     Celery, docs/performance.md): one process's stages take turns on one GIL, and each task's first prepare and
     last write leave its model idle; two processes fill each other's gaps."""
-    return max(1, min(CPU_BULK_PROCS_MAX, os.cpu_count() or 1))
+    return max(1, min(CPU_BULK_PROCS_MAX, usable_cores()))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | None = None,
