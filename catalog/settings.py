@@ -287,6 +287,15 @@ def environment_secrets() -> list[str]:
     return sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset), else the machine's: what the
+    worker's defaults share out (bulk processes, decoder processes, decoding threads)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def child_environment(**overrides: str) -> dict[str, str]:
     """The environment of a process styletag starts (the launcher's Celery workers): ours, plus
     ``overrides`` given by field name (``device="cuda"`` sets ``STYLETAG_DEVICE``) or by variable name."""

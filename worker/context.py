@@ -15,14 +15,13 @@ activation or a shadow run does not reload each time. A model that cannot be loa
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from catalog.errors import ConfigError, ServiceUnavailable
-from catalog.settings import Settings
+from catalog.settings import Settings, usable_cores
 
 log = logging.getLogger("styletag.worker")
 
@@ -230,7 +229,7 @@ class WorkerContext:
         it (``STYLETAG_HOST_PROCS``), so that a host with 8 GPUs x 4 bulk processes does not start 32 x 16."""
         procs = self.settings.decode_procs
         if procs < 0:  # the host's cores, shared by the worker processes the launcher started on it
-            procs = 0 if spec is None or spec.is_legacy else max(1, (os.cpu_count() or 1) // self.settings.host_procs)
+            procs = 0 if spec is None or spec.is_legacy else max(1, usable_cores() // self.settings.host_procs)
         if procs == 0:
             return None
         with self._pool_lock:

@@ -6,7 +6,7 @@ A product whose image is missing, corrupt or refused is recorded as failed with 
 of its batch is tagged.
 
 CPU-bound work is kept to one runnable thread per core, so that the stages share the cores instead of
-fighting over them (measured in docs/performance.md): at most ``os.cpu_count()`` of the fetch threads
+fighting over them (measured in docs/performance.md): at most ``usable_cores()`` of the fetch threads
 decode at a time (the others wait in I/O, which S3 needs many of), and on a CPU device the model runs
 as ``ctx.model_threads`` threads over slices of the batch, each with one intra-op thread.
 """
@@ -14,7 +14,6 @@ as ``ctx.model_threads`` threads over slices of the batch, each with one intra-o
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from catalog.db import session_scope
 from catalog.errors import BadImage, StorageError, TransientStorageError, failure_reason
 from catalog.products import ProductImage, images_for_tagging
 from catalog.runs import finish_if_complete, run_model
+from catalog.settings import usable_cores
 from catalog.tags import ProductFailure, ProductTags, StaleWrite, Tag, WriteOutcome, write_batch
 from worker.ops.metrics import observe_batch
 
@@ -162,7 +162,7 @@ class Pipeline:
         self.model_threads = max(1, int(getattr(ctx, "model_threads", 1) or 1))
         # Fetch threads wait on I/O; decoding is CPU work: no more decoders at once than cores
         # (STYLETAG_DECODE_THREADS overrides; 0 = the cores).
-        decoders = int(getattr(self.settings, "decode_threads", 0) or 0) or (os.cpu_count() or 1)
+        decoders = int(getattr(self.settings, "decode_threads", 0) or 0) or usable_cores()
         self._decoders = threading.BoundedSemaphore(max(1, decoders))
         self._model_pool: ThreadPoolExecutor | None = None
         # product id -> the version of the image bytes a fetch read (recorded in tag_state.image_version)

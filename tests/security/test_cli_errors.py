@@ -88,7 +88,7 @@ def test_decode_threads_caps_concurrent_decodes(monkeypatch):
         ctx = SimpleNamespace(settings=Settings.from_env(), predictor=None, labels=None, reader=None, model_threads=1)
         return Pipeline(ctx)._decoders._value
 
-    import os
+    from catalog.settings import usable_cores
 
     assert decoders("3") == 3
-    assert decoders("0") == (os.cpu_count() or 1)
+    assert decoders("0") == usable_cores()

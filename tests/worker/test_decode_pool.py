@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from catalog.settings import usable_cores
 from model.errors import BadImage
 from model.preprocess import PreprocessSpec, decode
 from tests.support.photo_model import PHOTO_SPEC
@@ -143,7 +144,7 @@ def test_which_pipelines_decode_in_processes(monkeypatch, tmp_path):
     try:
         assert ctx.decode_pool(legacy) is None  # 28 px: the decode is cheaper than the hand-over
         pool = ctx.decode_pool(PHOTO_SPEC)
-        assert pool is not None and pool.procs == (os.cpu_count() or 1)
+        assert pool is not None and pool.procs == usable_cores()  # the cores this process may use
         assert ctx.decode_pool(PHOTO_SPEC) is pool  # one per worker process
     finally:
         ctx.close()
@@ -151,7 +152,7 @@ def test_which_pipelines_decode_in_processes(monkeypatch, tmp_path):
     monkeypatch.setenv("STYLETAG_HOST_PROCS", "2")
     ctx = WorkerContext(Settings.from_env())
     try:
-        assert ctx.decode_pool(PHOTO_SPEC).procs == max(1, (os.cpu_count() or 1) // 2)
+        assert ctx.decode_pool(PHOTO_SPEC).procs == max(1, usable_cores() // 2)
     finally:
         ctx.close()
     monkeypatch.setenv("STYLETAG_HOST_PROCS", "64")

@@ -18,7 +18,6 @@ policy to take over.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -29,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from catalog.errors import ConfigError
-from catalog.settings import child_environment
+from catalog.settings import child_environment, usable_cores
 
 log = logging.getLogger("styletag.launcher")
 
@@ -95,13 +94,6 @@ def cpu_bulk_procs() -> int:
     last write leave its model idle; two processes fill each other's gaps."""
     return max(1, min(CPU_BULK_PROCS_MAX, usable_cores()))
 
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: a container's cpuset), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
 
 
 def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | None = None,
