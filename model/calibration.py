@@ -255,10 +255,18 @@ def served_scores(coarse_logits: np.ndarray, fine_logits: np.ndarray, meta: dict
     if parent is None:
         fine = _sigmoid(np.asarray(fine_logits, dtype=np.float64) / t_f)
         return _sigmoid(np.asarray(coarse_logits, dtype=np.float64) / t_c), fine
+    return map_scores(*consistent_scores(coarse_logits, fine_logits, parent, t_c, t_f), parent,
+                      meta.get("score_map"))
+
+
+def consistent_scores(coarse_logits: np.ndarray, fine_logits: np.ndarray, parent: np.ndarray, t_c: float = 1.0,
+                      t_f: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse, fine) of the consistent decoding with temperatures, before any score map: the fine scores are
+    the joint pair probabilities, a coarse score the sum of its children's."""
     fine = joint_fine_probs(coarse_logits, fine_logits, parent, t_c, t_f)
-    coarse = np.zeros((len(fine), int(parent.max()) + 1))
+    coarse = np.zeros((len(fine), int(np.max(parent)) + 1))
     np.add.at(coarse.T, parent, fine.T)
-    return map_scores(coarse, fine, parent, meta.get("score_map"))
+    return coarse, fine
 
 
 # --------------------------------------------------------------------------- the score map
@@ -392,9 +400,7 @@ def fit_score_maps(coarse_logits: np.ndarray, fine_logits: np.ndarray, coarse_ta
     """The ``score_map`` of a single-label checkpoint: one :func:`fit_score_map` per level, on the top-1
     scores the temperatures ``(t_c, t_f)`` serve (validation)."""
     parent = np.asarray(parent, dtype=np.int64)
-    fine = joint_fine_probs(coarse_logits, fine_logits, parent, t_c, t_f)
-    coarse = np.zeros((len(fine), int(parent.max()) + 1))
-    np.add.at(coarse.T, parent, fine.T)
+    coarse, fine = consistent_scores(coarse_logits, fine_logits, parent, t_c, t_f)
     pf = fine.argmax(1)
     pc = parent[pf]
     rows = np.arange(len(pf))

@@ -123,17 +123,13 @@ def calibration_report(taxonomy: Taxonomy, logits: dict[str, np.ndarray], meta: 
         out[f"fine_ece_{name}"] = cal.expected_calibration_error(fs.max(1), pf == yf, 15)
         out[f"coarse_ece_{name}"] = cal.expected_calibration_error(cs[np.arange(len(pc)), pc], pc == yc, 15)
         if name == "calibrated":
-            table = cal.reliability_table(fs.max(1), pf == yf, n_bins)
-            out["reliability_fine"] = table
-            big = [r for r in table if r["count"] >= 100]
-            out["bins_within_5_points"] = all(abs(r["accuracy"] - r["confidence"]) <= 0.05 for r in big)
-            out["worst_bin_gap_100plus"] = max((abs(r["accuracy"] - r["confidence"]) for r in big), default=0.0)
-            coarse_table = cal.reliability_table(cs[np.arange(len(pc)), pc], pc == yc, n_bins)
-            out["reliability_coarse"] = coarse_table
-            big_c = [r for r in coarse_table if r["count"] >= 100]
-            out["coarse_bins_within_5_points"] = all(abs(r["accuracy"] - r["confidence"]) <= 0.05 for r in big_c)
-            out["coarse_worst_bin_gap_100plus"] = max((abs(r["accuracy"] - r["confidence"]) for r in big_c),
-                                                      default=0.0)
+            for level, prefix, conf, right in (("fine", "", fs.max(1), pf == yf),
+                                               ("coarse", "coarse_", cs[np.arange(len(pc)), pc], pc == yc)):
+                table = cal.reliability_table(conf, right, n_bins)
+                gaps = [abs(r["accuracy"] - r["confidence"]) for r in table if r["count"] >= 100]
+                out[f"reliability_{level}"] = table
+                out[f"{prefix}bins_within_5_points"] = all(g <= 0.05 for g in gaps)
+                out[f"{prefix}worst_bin_gap_100plus"] = max(gaps, default=0.0)
     return out
 
 

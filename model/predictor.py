@@ -209,9 +209,9 @@ class Predictor:
                 calibration.check_score_map(self.score_map, self._multi)
             except ValueError as exc:
                 raise CheckpointError(f"{source}: metadata 'score_map': {exc}") from None
-        self._parent_np = None if self._multi else np.array([p[0] for p in taxonomy.parents], dtype=np.int64)
         self._mask = child_mask(taxonomy.parents, len(taxonomy.coarse.labels), device)
         self._parent = None if self._multi else parent_index(taxonomy.parents, device)
+        self._parent_np = None if self._parent is None else self._parent.cpu().numpy()
         self._mask_np = self._mask.cpu().numpy().astype(np.int32)
         self._cuda = device.type == "cuda"
         self._amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if self._cuda else None

@@ -7,7 +7,6 @@ the one given); the test split is never read."""
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,9 +24,8 @@ def recalibrate_from_catalog(checkpoint: Path, out: Path, *, taxonomy_name: str 
     from model.calibration import MIN_MAP_SAMPLES, fit_score_maps, temperatures
     from model.checkpoint import load_checkpoint, save_checkpoint
     from model.predictor import load_model
-    from model.preprocess import PreprocessSpec
-    from worker.training import SplitRule, decode_images, load_catalog_set
-    from worker.training_eval import _logits
+    from worker.training import decode_images
+    from worker.training_eval import _logits, checkpoint_catalog
 
     t0 = time.time()
     state, _ = load_checkpoint(checkpoint)  # the stored tensors, as they are (load_model's may be fused)
@@ -35,17 +33,9 @@ def recalibrate_from_catalog(checkpoint: Path, out: Path, *, taxonomy_name: str 
     if tax.multi_label:
         raise StyletagError(f"{checkpoint}: taxonomy {tax.name!r} is multi-label; a score map is fitted for "
                             "single-label taxonomies only")
-    spec = PreprocessSpec.from_checkpoint_meta(meta)
-    if not meta.get("preprocess"):
-        spec = replace(spec, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
-    rule = SplitRule.from_dict((meta.get("data") or {}).get("split") or {})
-    if split_rule:
-        rule = SplitRule.parse(split_rule, test_match if test_match is not None else rule.test_match)
-    elif test_match is not None:
-        rule = replace(rule, test_match=test_match)
     settings = Settings.from_env()
-    cat_tax = replace(tax, name=taxonomy_name) if taxonomy_name else tax
-    data = load_catalog_set(settings, cat_tax, rule)
+    spec, rule, cat_tax, data = checkpoint_catalog(settings, meta, tax, taxonomy_name=taxonomy_name,
+                                                   split_rule=split_rule, test_match=test_match)
     idx = data.index("val")
     if len(idx) < MIN_MAP_SAMPLES:
         raise StyletagError(f"the validation split of taxonomy {cat_tax.name!r} has {len(idx)} labelled products "

@@ -185,9 +185,12 @@ def tag_uploads(requests) -> None:
         try:
             args = list(req.args or ())
             kwargs = dict(req.kwargs or {})
+            attempt = kwargs.get("attempt", 0)
+            attempt = int(attempt) if isinstance(attempt, int) else 0
+            sent_at = enqueued_at(kwargs)
             for pid in upload_ids(args, kwargs):
-                attempts[pid] = int(kwargs.get("attempt", 0)) if isinstance(kwargs.get("attempt", 0), int) else 0
-                enqueued[pid] = enqueued.get(pid) or enqueued_at(kwargs)
+                attempts[pid] = attempt
+                enqueued[pid] = enqueued.get(pid) or sent_at
                 ids.append(pid)
         except (InvalidMessage, IndexError, TypeError, ValueError) as exc:
             log.error("refused upload message %s: %s", req.id, exc)

@@ -42,6 +42,26 @@ def _accuracy(tax, logits: dict, decoding: str) -> dict:
     return out, m
 
 
+def checkpoint_catalog(settings, meta: dict, tax, *, taxonomy_name: str | None = None,
+                       split_rule: str | None = None, test_match: str | None = None):
+    """(preprocessing spec, split rule, catalog taxonomy, labelled products) of a checkpoint on the catalog:
+    the checkpoint's preprocessing and recorded split rule (``split_rule`` / ``test_match`` override it),
+    the taxonomy renamed to ``taxonomy_name`` if given. ``eval`` and ``calibrate`` read a catalog this way."""
+    from model.preprocess import PreprocessSpec
+    from worker.training import SplitRule, load_catalog_set
+
+    spec = PreprocessSpec.from_checkpoint_meta(meta)
+    if not meta.get("preprocess"):  # legacy metadata: normalisation from the top-level keys
+        spec = replace(spec, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    rule = SplitRule.from_dict((meta.get("data") or {}).get("split") or {})
+    if split_rule:
+        rule = SplitRule.parse(split_rule, test_match if test_match is not None else rule.test_match)
+    elif test_match is not None:
+        rule = replace(rule, test_match=test_match)
+    cat_tax = replace(tax, name=taxonomy_name) if taxonomy_name else tax
+    return spec, rule, cat_tax, load_catalog_set(settings, cat_tax, rule)
+
+
 def evaluate_from_catalog(checkpoint: Path, *, taxonomy_name: str | None = None, split_name: str = "test",
                           split_rule: str | None = None, test_match: str | None = None, outliers: int = 2000,
                           colour: bool = True, robust_fmnist: int = 0, limit: int | None = None, source=None,
@@ -54,28 +74,16 @@ def evaluate_from_catalog(checkpoint: Path, *, taxonomy_name: str | None = None,
     from model.evaluate import calibration_report, review_report
     from model.outliers import HELD_OUT_FAMILIES, TRAIN_FAMILIES
     from model.predictor import load_model
-    from model.preprocess import PreprocessSpec
     from worker.training import (
-        SplitRule,
         colour_report,
         decode_images,
         generated_outliers,
-        load_catalog_set,
     )
 
     settings = Settings.from_env()
     model, meta, tax, dev = load_model(checkpoint, device)
-    spec = PreprocessSpec.from_checkpoint_meta(meta)
-    if not meta.get("preprocess"):  # legacy metadata: normalisation from the top-level keys
-        spec = replace(spec, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
-    recorded = (meta.get("data") or {}).get("split") or {}
-    rule = SplitRule.from_dict(recorded)
-    if split_rule:
-        rule = SplitRule.parse(split_rule, test_match if test_match is not None else rule.test_match)
-    elif test_match is not None:
-        rule = replace(rule, test_match=test_match)
-    cat_tax = replace(tax, name=taxonomy_name) if taxonomy_name else tax
-    data = load_catalog_set(settings, cat_tax, rule)
+    spec, rule, cat_tax, data = checkpoint_catalog(settings, meta, tax, taxonomy_name=taxonomy_name,
+                                                   split_rule=split_rule, test_match=test_match)
     idx = data.index(split_name)
     if limit:
         idx = idx[:limit]

@@ -95,7 +95,6 @@ def cpu_bulk_procs() -> int:
     return max(1, min(CPU_BULK_PROCS_MAX, usable_cores()))
 
 
-
 def build_specs(gpus: list[str | None], queues: list[str], *, threads: int | None = None,
                 loglevel: str = "INFO", metrics_port: int = 0, bulk_procs: int | None = None) -> list[WorkerSpec]:
     """``bulk_procs``: pool processes of each bulk worker (each loads the model on its GPU). One process
